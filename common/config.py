@@ -1,0 +1,278 @@
+"""The experiment schema: the one place every experiment key is named.
+
+An experiment YAML (``configs/*.yaml``) is validated here once, at the edge, and the rest of the
+code receives typed, frozen slices of it (``ModelConfig``, ``SimMIMConfig`` …), never raw dicts.
+Defaults are the paper's choices as decided in ``shared/docs/method.md``; the tiny/demo configs
+override sizes and budgets only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Role = Literal["source", "target"]
+FusionMode = Literal["entropy", "margin", "mean"]
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the file and the key."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Frozen):
+    """TransUNet size. Defaults are R50-ViT-B/16 at 224² (the paper).
+
+    ``resnet_layers`` are the units per ResNet-v2 stage (paper 3, 4, 9); ``resnet_width`` scales the
+    ResNet channels (64 → stem 64, stages 256/512/1024); ``embed_dim``/``depth``/``num_heads`` are
+    the ViT; ``decoder_channels`` the four CUP blocks and ``decoder_hidden`` the 3×3 conv after the
+    tokens (paper 512).
+    """
+
+    img_size: int = Field(224, ge=32)
+    patch_stride: int = 16  # fixed by a 3-stage ResNet + 1×1 projection; documented, not tunable
+    resnet_layers: tuple[int, int, int] = (3, 4, 9)
+    resnet_width: int = Field(64, ge=8)
+    embed_dim: int = Field(768, ge=16)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    decoder_hidden: int = Field(512, ge=1)
+    decoder_channels: tuple[int, int, int, int] = (256, 128, 64, 16)
+    proj_hidden: int = Field(768, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    checkpoint: str | None = None  # optional local R50+ViT-B/16 weights (.pth/.safetensors/.npz)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.patch_stride != 16:
+            raise ValueError(f"model.patch_stride must be 16 (got {self.patch_stride})")
+        if self.img_size % 16:
+            raise ValueError(f"model.img_size must be a multiple of 16 (got {self.img_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if any(n < 1 for n in self.resnet_layers):
+            raise ValueError(f"model.resnet_layers must all be >= 1 (got {self.resnet_layers})")
+        return self
+
+    @property
+    def is_paper(self) -> bool:
+        """True when this is exactly timm's ``vit_base_r50_s16_224`` encoder geometry."""
+        return (
+            self.resnet_layers == (3, 4, 9)
+            and self.resnet_width == 64
+            and self.embed_dim == 768
+            and self.depth == 12
+            and self.num_heads == 12
+            and self.mlp_ratio == 4.0
+        )
+
+
+class OptimConfig(_Frozen):
+    """One stage's optimiser and budget. ``max_steps`` (if set) caps the epochs."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    val_every: int = Field(0, ge=0)  # steps between validations; 0 = once per epoch
+
+
+class SimMIMConfig(_Frozen):
+    """Branch 1, SimMIM on TransUNet (method.md, "Branch 1")."""
+
+    mask_patch_size: int = Field(32, ge=1)
+    mask_ratio: float = 0.6
+    noise_ratio: float = Field(0.0, ge=0, le=1)  # authors' speckle on masked units; paper: none
+    optim: OptimConfig = OptimConfig(optimizer="adamw", lr=5e-4, weight_decay=0.05, batch_size=128, epochs=1200)
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"simmim.mask_ratio must be in (0, 1) (got {v})")
+        return v
+
+
+class ContrastiveConfig(_Frozen):
+    """Branch 2, MT-NXent (method.md, "Branch 2"). ``min_frame_gap`` 0 is SimCLR's NT-Xent."""
+
+    temperature: float = 0.5
+    min_frame_gap: int = 15
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: float = Field(0.4, ge=0)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    augment_both_views: bool = True
+    sampler: Literal["random", "video"] = "random"
+    frames_per_video: int = Field(4, ge=2)  # for sampler: video
+    optim: OptimConfig = OptimConfig(optimizer="adam", lr=1e-5, weight_decay=0.05, batch_size=512, epochs=400)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temp(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"contrastive.temperature must be > 0 (got {v})")
+        return v
+
+    @field_validator("min_frame_gap")
+    @classmethod
+    def _gap(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"contrastive.min_frame_gap must be >= 0 (got {v})")
+        return v
+
+
+class FinetuneConfig(_Frozen):
+    """Supervised fine-tuning at the source site with DiceBCE; best checkpoint by validation loss."""
+
+    weight_decay_contrastive: float = Field(0.1, ge=0)  # the paper's contrastive-branch decay
+    augment: bool = False  # strong appearance augmentation (the source-only baseline's option)
+    optim: OptimConfig = OptimConfig(optimizer="sgd", lr=2e-4, momentum=0.99, weight_decay=0.05, batch_size=512, epochs=200)
+
+
+class FusionConfig(_Frozen):
+    """Confidence-aware infusion head (method.md)."""
+
+    modes: tuple[FusionMode, ...] = ("entropy", "margin", "mean")
+    default_mode: FusionMode = "entropy"
+    normalize: Literal["image", "batch"] = "image"
+    eps: float = Field(1e-6, gt=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class SynthConfig(_Frozen):
+    """How the simulator makes a site's synthetic data (simulations/phantom)."""
+
+    preset: str = "source"  # phantom preset: source (lumify) | target (telemed) | more
+    patients: int = Field(12, ge=1)
+    videos_per_patient: int = Field(3, ge=1)
+    frames_per_video: int = Field(40, ge=1)
+    img_size: int | None = None  # rendered frame size; None = model.img_size
+    difficulty: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class SiteConfig(_Frozen):
+    """One site of a simulated federation (partition-id indexes the ``sites`` list)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    role: Role
+    data_dir: str | None = None  # existing canonical site folder; else made by ``synth``
+    synth: SynthConfig | None = None
+
+    @model_validator(mode="after")
+    def _data(self) -> SiteConfig:
+        if self.data_dir is None and self.synth is None:
+            raise ValueError(f"site {self.name!r} needs either data_dir or synth")
+        return self
+
+
+class RuntimeConfig(_Frozen):
+    """How the stages execute (not what they compute)."""
+
+    device: str = "cpu"
+    bf16: bool = False  # autocast bf16 (only where the device supports it)
+    channels_last: bool = False
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = None
+
+
+class ExperimentConfig(_Frozen):
+    """A whole experiment: model, the three stages, fusion, sites, runtime."""
+
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(1, ge=1)  # federated rounds per phase (several sites of one role)
+    model: ModelConfig = ModelConfig()
+    simmim: SimMIMConfig = SimMIMConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    fusion: FusionConfig = FusionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    sites: tuple[SiteConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        names = [s.name for s in self.sites]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sites: duplicate site name(s) {sorted(dup)}")
+        if self.model.img_size % self.simmim.mask_patch_size:
+            raise ValueError(
+                f"simmim.mask_patch_size ({self.simmim.mask_patch_size}) must divide "
+                f"model.img_size ({self.model.img_size})"
+            )
+        return self
+
+    @property
+    def simmim_masked_units(self) -> int:
+        units = (self.model.img_size // self.simmim.mask_patch_size) ** 2
+        return math.ceil(self.simmim.mask_ratio * units)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_experiment(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a mapping as an experiment. Raises ConfigError naming ``source`` and each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: an experiment must be a mapping at the top level")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid experiment config\n{_format_errors(err)}") from None
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load and validate ``path`` (YAML). ``overrides`` uses dotted keys, e.g. {"seed": 1}.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: experiment config not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_experiment(data, str(p))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[leaf] = value
+
+
+def dump_experiment(cfg: ExperimentConfig) -> str:
+    """The config as YAML (what a run records next to its results)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
