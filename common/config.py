@@ -97,7 +97,9 @@ class SimMIMConfig(_Frozen):
     mask_patch_size: int = Field(32, ge=1)
     mask_ratio: float = 0.6
     noise_ratio: float = Field(0.0, ge=0, le=1)  # authors' speckle on masked units; paper: none
-    optim: OptimConfig = OptimConfig(optimizer="adamw", lr=5e-4, weight_decay=0.05, batch_size=128, epochs=1200)
+    optim: OptimConfig = OptimConfig(
+        optimizer="adamw", lr=5e-4, weight_decay=0.05, batch_size=128, epochs=1200
+    )
 
     @field_validator("mask_ratio")
     @classmethod
@@ -119,7 +121,9 @@ class ContrastiveConfig(_Frozen):
     augment_both_views: bool = True
     sampler: Literal["random", "video"] = "random"
     frames_per_video: int = Field(4, ge=2)  # for sampler: video
-    optim: OptimConfig = OptimConfig(optimizer="adam", lr=1e-5, weight_decay=0.05, batch_size=512, epochs=400)
+    optim: OptimConfig = OptimConfig(
+        optimizer="adam", lr=1e-5, weight_decay=0.05, batch_size=512, epochs=400
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -141,7 +145,9 @@ class FinetuneConfig(_Frozen):
 
     weight_decay_contrastive: float = Field(0.1, ge=0)  # the paper's contrastive-branch decay
     augment: bool = False  # strong appearance augmentation (the source-only baseline's option)
-    optim: OptimConfig = OptimConfig(optimizer="sgd", lr=2e-4, momentum=0.99, weight_decay=0.05, batch_size=512, epochs=200)
+    optim: OptimConfig = OptimConfig(
+        optimizer="sgd", lr=2e-4, momentum=0.99, weight_decay=0.05, batch_size=512, epochs=200
+    )
 
 
 class FusionConfig(_Frozen):

@@ -22,11 +22,15 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
         ValueError: shapes disagree, or no pixel is masked.
     """
     if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be equal (B, C, H, W)")
+        raise ValueError(
+            f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be equal (B, C, H, W)"
+        )
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     if mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:] or mask.shape[1] != 1:
-        raise ValueError(f"mask {tuple(mask.shape)} must be (B, 1, H, W) matching pred {tuple(pred.shape)}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must be (B, 1, H, W) matching pred {tuple(pred.shape)}"
+        )
     m = mask.to(pred.dtype)
     denom = m.sum() * pred.shape[1]
     if denom <= 0:
@@ -79,7 +83,9 @@ class MTNXentLoss(nn.Module):
         frame_indices: torch.Tensor,
     ) -> torch.Tensor:
         if z_i.dim() != 2 or z_i.shape != z_j.shape:
-            raise ValueError(f"z_i {tuple(z_i.shape)} and z_j {tuple(z_j.shape)} must both be (B, d)")
+            raise ValueError(
+                f"z_i {tuple(z_i.shape)} and z_j {tuple(z_j.shape)} must both be (B, d)"
+            )
         b = z_i.shape[0]
         if b < 2:
             raise ValueError(f"batch size must be >= 2 (got {b})")
@@ -93,7 +99,9 @@ class MTNXentLoss(nn.Module):
         sim = sim.masked_fill(excluded, torch.finfo(sim.dtype).min)
         target = (torch.arange(2 * b, device=z.device) + b) % (2 * b)
         # cross-entropy in float32: logsumexp over half-precision logits loses the positive's mass
-        return F.cross_entropy(sim.float(), target)
+        if sim.dtype in (torch.float16, torch.bfloat16):
+            sim = sim.float()
+        return F.cross_entropy(sim, target)
 
 
 class DiceBCELoss(nn.Module):
@@ -111,7 +119,9 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must match")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must match"
+            )
         logits = logits.float()
         target = target.float()
         p = torch.sigmoid(logits)

@@ -42,7 +42,9 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]
     """
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"paired samples must be 1-D of equal length (got {x.shape} and {y.shape})")
+        raise ValueError(
+            f"paired samples must be 1-D of equal length (got {x.shape} and {y.shape})"
+        )
     if x.size == 0:
         raise ValueError("paired samples are empty")
     if np.all(x == y):

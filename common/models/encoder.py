@@ -68,7 +68,9 @@ class HybridEncoder(nn.Module):
         vit = self.vit
         embed = vit.patch_embed
         # [stem 1/2, stage1 1/4, stage2 1/8, stage3 1/16]; checked equal to forward_features
-        feats = embed.backbone.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+        feats = embed.backbone.forward_intermediates(
+            x, indices=[0, 1, 2, 3], intermediates_only=True
+        )
         t = embed.proj(feats[-1]).flatten(2).transpose(1, 2)
         t = vit._pos_embed(t)
         t = vit.patch_drop(t)

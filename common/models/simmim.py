@@ -59,7 +59,11 @@ def apply_mask(
         b, _, s, _ = mask.shape
         g = s // mask_patch_size
         pick = (torch.rand(b, 1, g, g, generator=generator) < noise_ratio).to(x.dtype)
-        pick = pick.repeat_interleave(mask_patch_size, 2).repeat_interleave(mask_patch_size, 3).to(x.device)
+        pick = (
+            pick.repeat_interleave(mask_patch_size, 2)
+            .repeat_interleave(mask_patch_size, 3)
+            .to(x.device)
+        )
         noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
         noisy = (x * (1 + 0.5 * noise)).clamp(0, 1)
         out = out + noisy * mask * pick

@@ -50,7 +50,9 @@ class CUPDecoder(nn.Module):
         outs = cfg.decoder_channels
         ins = (cfg.decoder_hidden, *outs[:-1])
         skips = (*skip_channels, 0)
-        self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, outs, strict=True))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, outs, strict=True)
+        )
 
     def forward(self, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         b, n, d = tokens.shape
@@ -122,7 +124,9 @@ def check_encoder_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     if misshaped:
         problems.append(f"{len(misshaped)} mis-shaped ({'; '.join(misshaped[:3])})")
     if problems:
-        raise EncoderMismatchError("encoder weights do not match this model: " + ", ".join(problems))
+        raise EncoderMismatchError(
+            "encoder weights do not match this model: " + ", ".join(problems)
+        )
 
 
 def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

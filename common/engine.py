@@ -1,0 +1,341 @@
+"""The ONE training loop every stage uses (SimMIM, contrastive, fine-tune, upper bound).
+
+A stage supplies ``step(batch) -> dict[str, Tensor]`` whose ``"loss"`` is minimised; everything else
+(device moves, channels-last, bf16 autocast, optimiser steps, validation, best checkpoint, progress
+with ETA, loss history and its plot) lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.config import OptimConfig
+
+Step = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+@cache
+def bf16_supported(device: str) -> bool:
+    """Whether bf16 autocast is worth enabling on ``device`` (CUDA with bf16, or a CPU with
+    AVX512-BF16/AMX; elsewhere bf16 is emulated and slower)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def autocast(device: torch.device | str, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for and supported; a no-op otherwise."""
+    dev = torch.device(device)
+    if bf16 and bf16_supported(str(dev)):
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(
+    batch: Mapping[str, Any], device: torch.device | str, channels_last: bool = False
+) -> dict[str, Any]:
+    """Move every tensor of a batch dict to ``device`` (4-D float tensors channels-last if asked)."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4 and v.is_floating_point():
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], cfg: OptimConfig, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """The stage's optimiser from its config (``weight_decay`` overrides the config's)."""
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
+
+
+class Progress:
+    """Throttled progress lines on stderr: phase, epoch, step, loss, images/s, ETA."""
+
+    def __init__(
+        self, phase: str, total_steps: int, every_s: float = 5.0, stream=None, enabled: bool = True
+    ):
+        self.phase, self.total, self.every_s = phase, max(total_steps, 1), every_s
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.last = -math.inf
+
+    def update(
+        self, step: int, epoch: int, epochs: int, loss: float, images: int, force: bool = False
+    ) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / step * (self.total - step) if step else math.inf
+        print(
+            f"[{self.phase}] epoch {epoch}/{epochs} step {step}/{self.total} loss {loss:.4f} "
+            f"{images / max(el, 1e-9):.1f} img/s elapsed {_fmt_eta(el)} ETA {_fmt_eta(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+@dataclass
+class FitResult:
+    """What a fit did. ``best_val`` is None when there was no validation data."""
+
+    steps: int
+    epochs: int
+    seconds: float
+    images: int
+    train_loss: float
+    best_val: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def metrics(self) -> dict[str, float]:
+        m = {
+            "steps": float(self.steps),
+            "epochs": float(self.epochs),
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+            "train_loss": self.train_loss,
+        }
+        if self.best_val is not None:
+            m["best_val_loss"] = self.best_val
+            m["best_step"] = float(self.best_step or 0)
+        return m
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[0])
+    return 0
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, step: Step, loader: Iterable, device, bf16=False, channels_last=False
+) -> float:
+    """Example-weighted mean of ``step(batch)["loss"]`` over ``loader`` in eval mode."""
+    model.eval()
+    total, n = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, bf16):
+            loss = step(batch)["loss"]
+        b = _batch_size(batch)
+        total += float(loss) * b
+        n += b
+    model.train()
+    return total / max(n, 1)
+
+
+def fit(
+    model: nn.Module,
+    step: Step,
+    train_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | str = "cpu",
+    epochs: int = 1,
+    max_steps: int | None = None,
+    val_loader: Iterable | None = None,
+    val_every: int = 0,
+    warmup_steps: int = 0,
+    bf16: bool = False,
+    channels_last: bool = False,
+    phase: str = "train",
+    out_dir: Path | None = None,
+    progress: bool = True,
+    grad_clip: float | None = None,
+) -> FitResult:
+    """Train ``model`` with ``step``; keep (and finally restore) the best checkpoint by validation loss.
+
+    Args:
+        step: batch (already on ``device``) -> {"loss": scalar, ...}; extra entries are logged.
+        epochs / max_steps: the budget; ``max_steps`` caps the total number of optimiser steps.
+        val_loader: optional; evaluated every ``val_every`` steps (0 = each epoch end) with the same
+            ``step`` under ``no_grad``; the lowest-loss weights are restored at the end.
+        out_dir: if given, ``history.json``, ``loss.png`` and the best checkpoint
+            (``best.safetensors``) are written there, so nothing large is kept twice in memory.
+    Returns:
+        FitResult with counts, wall time, images/s, final train loss (mean of the last 10 steps) and
+        the best validation loss.
+    """
+    device = torch.device(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = max_steps or 1
+    if steps_per_epoch == 0:
+        raise ValueError(f"[{phase}] the training data is empty")
+    total = (
+        epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    )
+    # enough epochs to reach max_steps when an epoch is short
+    if max_steps is not None and max_steps > epochs * steps_per_epoch:
+        total = max_steps
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    prog = Progress(phase, total, enabled=progress)
+    best_val: float | None = None
+    best_step: int | None = None
+    best_mem: dict[str, torch.Tensor] | None = None
+    best_path = out_dir / "best.safetensors" if out_dir is not None else None
+    history: list[dict[str, float]] = []
+    recent: list[float] = []
+    step_i, images, epoch = 0, 0, 0
+    t0 = time.perf_counter()
+
+    def validate() -> None:
+        nonlocal best_val, best_step, best_mem
+        if val_loader is None:
+            return
+        v = evaluate_loss(model, step, val_loader, device, bf16, channels_last)
+        history.append({"step": float(step_i), "val_loss": v})
+        if best_val is None or v < best_val:
+            best_val, best_step = v, step_i
+            if best_path is not None:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: t.contiguous() for k, t in model.state_dict().items()}, str(best_path)
+                )
+            else:
+                best_mem = {k: t.detach().clone() for k, t in model.state_dict().items()}
+
+    while step_i < total:
+        epoch += 1
+        for batch in train_loader:
+            if step_i >= total:
+                break
+            batch = to_device(batch, device, channels_last)
+            if warmup_steps and step_i < warmup_steps:
+                for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    g["lr"] = lr * (step_i + 1) / warmup_steps
+            with autocast(device, bf16):
+                out = step(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"[{phase}] loss became {float(loss.detach())} at step {step_i + 1}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            step_i += 1
+            images += _batch_size(batch)
+            lv = float(loss.detach())
+            recent = (recent + [lv])[-10:]
+            history.append(
+                {
+                    "step": float(step_i),
+                    "loss": lv,
+                    **{k: float(v) for k, v in out.items() if k != "loss"},
+                }
+            )
+            prog.update(step_i, epoch, epochs, lv, images)
+            if val_every and step_i % val_every == 0:
+                validate()
+        if not val_every:
+            validate()
+    if val_every and step_i % val_every:
+        validate()  # the final weights are a candidate too
+    seconds = time.perf_counter() - t0
+    prog.update(step_i, epoch, epochs, recent[-1] if recent else float("nan"), images, force=True)
+    if best_val is not None:
+        if best_path is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(best_path), device=str(device)))
+        elif best_mem is not None:
+            model.load_state_dict(best_mem)
+    result = FitResult(
+        steps=step_i,
+        epochs=epoch,
+        seconds=seconds,
+        images=images,
+        train_loss=sum(recent) / max(len(recent), 1),
+        best_val=best_val,
+        best_step=best_step,
+        history=history,
+    )
+    if out_dir is not None:
+        write_history(result, out_dir, phase)
+    return result
+
+
+def write_history(result: FitResult, out_dir: Path, phase: str) -> None:
+    """``history.json`` and a loss-curve picture ``loss.png`` (train, and validation if any)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "history.json").write_text(
+        json.dumps({"phase": phase, **result.metrics(), "history": result.history})
+    )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency; pictures are a bonus
+        return
+    tr = [(h["step"], h["loss"]) for h in result.history if "loss" in h]
+    va = [(h["step"], h["val_loss"]) for h in result.history if "val_loss" in h]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr, strict=True), lw=0.8, label="train")
+    if va:
+        ax.plot(*zip(*va, strict=True), "o-", ms=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(phase)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png")
+    plt.close(fig)
