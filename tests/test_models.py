@@ -196,3 +196,72 @@ def test_backbone_checkpoint_errors_name_the_file(tmp_path, tiny):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pth"):
         load_backbone_checkpoint(bad, tiny)
+
+
+def _export_google_npz(state: dict, cfg: ModelConfig, path) -> None:
+    """Write a timm-layout hybrid state (with class token) in Google's R50+ViT .npz naming —
+    the inverse of what timm's loader reads, so the test owns the file it checks."""
+    import numpy as np
+
+    def hwio(t):  # OIHW -> HWIO
+        return t.permute(2, 3, 1, 0).numpy()
+
+    d, h = cfg.embed_dim, cfg.num_heads
+    hd = d // h
+    w: dict = {}
+    w["conv_root/kernel"] = hwio(state["patch_embed.backbone.stem.conv.weight"])
+    w["gn_root/scale"] = state["patch_embed.backbone.stem.norm.weight"].numpy()
+    w["gn_root/bias"] = state["patch_embed.backbone.stem.norm.bias"].numpy()
+    for i, units in enumerate(cfg.resnet_layers):
+        for j in range(units):
+            sp, bp = f"patch_embed.backbone.stages.{i}.blocks.{j}.", f"block{i + 1}/unit{j + 1}/"
+            for r in range(1, 4):
+                w[f"{bp}conv{r}/kernel"] = hwio(state[f"{sp}conv{r}.weight"])
+                w[f"{bp}gn{r}/scale"] = state[f"{sp}norm{r}.weight"].numpy()
+                w[f"{bp}gn{r}/bias"] = state[f"{sp}norm{r}.bias"].numpy()
+            if f"{sp}downsample.conv.weight" in state:
+                w[f"{bp}conv_proj/kernel"] = hwio(state[f"{sp}downsample.conv.weight"])
+                w[f"{bp}gn_proj/scale"] = state[f"{sp}downsample.norm.weight"].numpy()
+                w[f"{bp}gn_proj/bias"] = state[f"{sp}downsample.norm.bias"].numpy()
+    w["embedding/kernel"] = hwio(state["patch_embed.proj.weight"])
+    w["embedding/bias"] = state["patch_embed.proj.bias"].numpy()
+    w["cls"] = state["cls_token"].numpy()
+    w["Transformer/posembed_input/pos_embedding"] = state["pos_embed"].numpy()
+    w["Transformer/encoder_norm/scale"] = state["norm.weight"].numpy()
+    w["Transformer/encoder_norm/bias"] = state["norm.bias"].numpy()
+    for b in range(cfg.depth):
+        sp, bp = f"blocks.{b}.", f"Transformer/encoderblock_{b}/"
+        for n, (t_ln) in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[f"{bp}{n}/scale"] = state[f"{sp}{t_ln}.weight"].numpy()
+            w[f"{bp}{n}/bias"] = state[f"{sp}{t_ln}.bias"].numpy()
+        qkv_w, qkv_b = state[f"{sp}attn.qkv.weight"].chunk(3), state[f"{sp}attn.qkv.bias"].chunk(3)
+        for k, name in enumerate(("query", "key", "value")):
+            w[f"{bp}MultiHeadDotProductAttention_1/{name}/kernel"] = (
+                qkv_w[k].T.reshape(d, h, hd).numpy()
+            )
+            w[f"{bp}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[k].reshape(h, hd).numpy()
+        w[f"{bp}MultiHeadDotProductAttention_1/out/kernel"] = (
+            state[f"{sp}attn.proj.weight"].reshape(d, h, hd).permute(1, 2, 0).numpy()
+        )
+        w[f"{bp}MultiHeadDotProductAttention_1/out/bias"] = state[f"{sp}attn.proj.bias"].numpy()
+        for r in range(2):
+            w[f"{bp}MlpBlock_3/Dense_{r}/kernel"] = state[f"{sp}mlp.fc{r + 1}.weight"].T.numpy()
+            w[f"{bp}MlpBlock_3/Dense_{r}/bias"] = state[f"{sp}mlp.fc{r + 1}.bias"].numpy()
+    np.savez(path, **w)
+
+
+def test_backbone_checkpoint_from_google_npz(tmp_path, tiny):
+    # Prepare: a Google-format .npz written from a known state (with class token)
+    state = {
+        k: v for k, v in _timm_style_state(tiny, tiny.img_size).items() if not k.startswith("head.")
+    }
+    path = tmp_path / "R50+ViT-B_16.npz"
+    _export_google_npz(state, tiny, path)
+    # Execute: read through timm's own npz loader
+    loaded = load_backbone_checkpoint(path, tiny)
+    # Assert: every encoder tensor equals the original; the class-token slot is dropped
+    model = build_transunet(tiny.model_copy(update={"checkpoint": str(path)}))
+    for k, v in model.encoder.vit.state_dict().items():
+        ref = state[k][:, 1:] if k == "pos_embed" else state[k]
+        assert torch.allclose(v, ref, atol=1e-6), k
+        assert torch.allclose(loaded[k], ref, atol=1e-6), k
