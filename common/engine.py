@@ -146,6 +146,17 @@ class FitResult:
         return m
 
 
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell epoch-seeded datasets/samplers (fresh augmentations, fresh video groups) the epoch."""
+    for obj in (
+        getattr(loader, "dataset", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(loader, "sampler", None),
+    ):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
 def _batch_size(batch: Mapping[str, Any]) -> int:
     for v in batch.values():
         if isinstance(v, torch.Tensor):
@@ -251,6 +262,7 @@ def fit(
 
     while step_i < total:
         epoch += 1
+        _set_epoch(train_loader, epoch)
         for batch in train_loader:
             if step_i >= total:
                 break

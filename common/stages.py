@@ -198,7 +198,7 @@ def pretrain(
         )
         optim = ccfg.optim
         model = ContrastiveModel(cfg.model)
-        ds = PairDataset(site, "train", size, ccfg)
+        ds = PairDataset(site, "train", size, ccfg, seed=cfg.seed)
         sampler = None
         if ccfg.sampler == "video":
             sampler = VideoBatchSampler(
@@ -259,10 +259,10 @@ def finetune(
     fcfg = cfg.finetune
     optim = fcfg.optim
     size = cfg.model.img_size
-    train = SegDataset(site, "train", size, augment=fcfg.augment)
-    if len(train) == 0:
+    if not site.select(split="train", labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled train frames to fine-tune on")
-    val = SegDataset(site, "val", size)
+    train = SegDataset(site, "train", size, augment=fcfg.augment, seed=cfg.seed)
+    val = SegDataset(site, "val", size) if site.select(split="val", labeled=True) else None
     model = build_transunet(cfg.model, num_classes=1)
     if init_model is not None:
         model.load_state_dict(init_model)
@@ -273,7 +273,7 @@ def finetune(
     opt = make_optimizer(model.parameters(), optim, weight_decay=wd)
     val_loader = (
         _loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
-        if len(val)
+        if val is not None
         else None
     )
     res = fit(
@@ -286,7 +286,7 @@ def finetune(
         **_fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress),
     )
     metrics = res.metrics()
-    metrics["labeled_val_frames"] = float(len(val))
+    metrics["labeled_val_frames"] = float(len(val) if val is not None else 0)
     return StageResult(
         {k: v.detach() for k, v in model.cpu().state_dict().items()}, metrics, len(train)
     )
@@ -319,9 +319,9 @@ def evaluate(
 
     device = _setup(cfg)
     out_dir = Path(out_dir)
-    ds = SegDataset(site, split, cfg.model.img_size)
-    if len(ds) == 0:
+    if not site.select(split=split, labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled {split!r} frames to evaluate on")
+    ds = SegDataset(site, split, cfg.model.img_size)
     for a, b in fusions:
         for name in (a, b):
             if name not in models:
