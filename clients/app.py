@@ -1,0 +1,61 @@
+"""The site side as a Flower ClientApp: thin handlers (unpack, call, pack).
+
+A guard mod checks every request and reply against the wire contract (``common.fl.protocol``)
+before anything is run or sent: a reply carrying a record the table does not allow for this message
+type and role becomes an error reply, and nothing is uploaded (fail closed).
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported in Ray workers)
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import source, target
+from clients.site import known_role, resolve_site, site_card
+from common.fl import protocol as p
+
+
+def wire_guard(msg: Message, context: Context, call_next) -> Message:
+    """Refuse requests and replies the wire contract does not allow for this site's role."""
+    mtype = msg.metadata.message_type
+    role = known_role(context)
+    if mtype != p.QUERY_SITE:
+        if role is None:
+            raise p.ProtocolError(f"{mtype}: this site has not been discovered (query.site) yet")
+        p.check_request(mtype, role, msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        p.check_reply(mtype, known_role(context) or "", reply.content)
+    return reply
+
+
+app = ClientApp(mods=[wire_guard])
+
+
+@app.query(p.action(p.QUERY_SITE))
+def query_site(msg: Message, context: Context) -> Message:
+    site = resolve_site(context, p.unpack_federation(msg.content))
+    return Message(p.pack_site_card(site_card(site)), reply_to=msg)
+
+
+@app.train(p.action(p.TRAIN_PRETRAIN))
+def train_pretrain(msg: Message, context: Context) -> Message:
+    req = p.unpack_request(msg.content)
+    res = target.pretrain(req, resolve_site(context))
+    return Message(p.pack_weights_reply(p.ENCODER, res.state, res.metrics, res.num_examples), reply_to=msg)
+
+
+@app.train(p.action(p.TRAIN_FINETUNE))
+def train_finetune(msg: Message, context: Context) -> Message:
+    req = p.unpack_request(msg.content)
+    res = source.finetune(req, resolve_site(context))
+    return Message(p.pack_weights_reply(p.MODEL, res.state, res.metrics, res.num_examples), reply_to=msg)
+
+
+@app.evaluate(p.action(p.EVALUATE_SEGMENT))
+def evaluate_segment(msg: Message, context: Context) -> Message:
+    req = p.unpack_request(msg.content)
+    res = source.evaluate(req, resolve_site(context))
+    reply = p.pack_eval_reply(res.metrics, res.per_image, res.per_video, res.num_examples)
+    return Message(reply, reply_to=msg)

@@ -1,0 +1,93 @@
+"""Which site this node is, where its data lives, where its local outputs go.
+
+Facts about a site come from that site: in deployment from the SuperNode's ``--node-config``
+(``site``, ``role``, ``data-dir``, optional ``out-dir``); in simulation, where ``node_config`` is only
+``{partition-id, num-partitions}``, from the experiment's ``sites`` table that the server sends with
+``query.site`` (index = partition-id). The answer is kept in ``context.state`` (node-local, never
+sent), so later messages of the run know it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+
+from common.fl import protocol
+
+_STATE = "crossprobe-site"  # node-local state record (context.state never leaves the node)
+
+
+class SiteSetupError(RuntimeError):
+    """This node cannot tell which site it is or where its data is."""
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    name: str
+    role: str
+    data_dir: Path
+    out_dir: Path  # site-local artifacts: checkpoints, weight maps, overlays
+
+
+def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] | None = None) -> LocalSite:
+    """Resolve (and remember in ``context.state``) this node's site.
+
+    Raises:
+        SiteSetupError: no ``data-dir`` in node_config and no usable simulation table.
+    """
+    nc = context.node_config
+    if "data-dir" in nc:  # deployment: the operator's --node-config
+        data_dir = Path(str(nc["data-dir"]))
+        name = str(nc.get("site", data_dir.name))
+        role = str(nc.get("role", ""))
+        out = Path(str(nc.get("out-dir", data_dir.parent / "crossprobe-outputs" / name)))
+        out = out / f"run-{context.run_id}"
+    elif "partition-id" in nc and federation:  # simulation: the experiment's sites[partition-id]
+        pid = int(nc["partition-id"])
+        if pid >= len(federation):
+            raise SiteSetupError(
+                f"partition-id {pid} has no site: the experiment lists {len(federation)} site(s); "
+                "run the simulation with num-supernodes equal to the number of sites"
+            )
+        name, role, dd, od = federation[pid]
+        data_dir, out = Path(dd), Path(od)
+    elif _STATE in context.state.config_records:
+        rec = context.state.config_records[_STATE]
+        name, role = str(rec["name"]), str(rec["role"])
+        data_dir, out = Path(str(rec["data-dir"])), Path(str(rec["out-dir"]))
+    else:
+        raise SiteSetupError(
+            "this SuperNode does not know its site: start it with "
+            "--node-config 'site=\"NAME\" role=\"source|target\" data-dir=\"/path\"'"
+        )
+    if role not in protocol.ROLES:
+        raise SiteSetupError(f"site {name!r}: role must be one of {protocol.ROLES} (got {role!r})")
+    context.state[_STATE] = ConfigRecord(
+        {"name": name, "role": role, "data-dir": str(data_dir), "out-dir": str(out)}
+    )
+    return LocalSite(name, role, data_dir, out)
+
+
+def known_role(context: Context) -> str | None:
+    """The role this node already resolved (for the wire guard), or None."""
+    if "role" in context.node_config:
+        return str(context.node_config["role"])
+    rec = context.state.config_records.get(_STATE)
+    return str(rec["role"]) if rec is not None else None
+
+
+def load_data(site: LocalSite):
+    """The site's canonical data folder (``common.data.manifest.load_site``)."""
+    from common.data.manifest import load_site
+
+    return load_site(site.data_dir)
+
+
+def site_card(site: LocalSite) -> dict[str, Any]:
+    """What the site tells the server about itself: name, role and counts (no frames)."""
+    card = dict(load_data(site).card())
+    card["name"], card["role"] = site.name, site.role  # the node's own config is authoritative
+    return card

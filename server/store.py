@@ -1,0 +1,124 @@
+"""The server's run folder: completed phases, received weights, metrics — written atomically.
+
+Layout (``run_dir``)::
+
+    config.yaml              the experiment this run used
+    phases.json              {"fingerprint": ..., "completed": [{"phase", "seconds", "bytes_*", ...}]}
+    phases/<phase>/<key>.safetensors   averaged weights a phase produced (one file per branch / arm)
+    phases/<phase>/metrics.json        what the sites reported in that phase (scalars, score vectors)
+    results.json, report.md  written last, only when the whole run completed
+    FAILED.json              why the last attempt stopped (removed when a later attempt completes)
+
+A rerun with the same run folder and the same experiment skips every phase in ``phases.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class RunDirError(RuntimeError):
+    """The run folder belongs to another experiment or is damaged."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def fingerprint(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+class RunStore:
+    """Persist and reload completed phases of one run."""
+
+    def __init__(self, run_dir: Path, fp: str):
+        self.run_dir = Path(run_dir)
+        self.fp = fp
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._index_path = self.run_dir / "phases.json"
+        self.index = self._load_index()
+
+    def _load_index(self) -> dict[str, Any]:
+        if not self._index_path.exists():
+            return {"fingerprint": self.fp, "completed": []}
+        try:
+            index = json.loads(self._index_path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{self._index_path}: damaged ({err}); delete the run folder") from None
+        if index.get("fingerprint") != self.fp:
+            raise RunDirError(
+                f"{self.run_dir} holds a run of a different experiment or run settings "
+                f"(fingerprint {index.get('fingerprint')} != {self.fp}); choose another run folder "
+                "or delete this one to start over"
+            )
+        return index
+
+    def completed(self) -> list[str]:
+        return [c["phase"] for c in self.index["completed"]]
+
+    def is_done(self, phase: str) -> bool:
+        return phase in self.completed()
+
+    def phase_dir(self, phase: str) -> Path:
+        return self.run_dir / "phases" / phase
+
+    def save_phase(
+        self,
+        phase: str,
+        weights: dict[str, dict[str, torch.Tensor]],
+        metrics: dict[str, Any],
+        record: dict[str, Any],
+    ) -> None:
+        """Write the phase's outputs, then (last) mark it completed in ``phases.json``."""
+        d = self.phase_dir(phase)
+        d.mkdir(parents=True, exist_ok=True)
+        for key, state in weights.items():
+            tmp = d / f".{key}.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, d / f"{key}.safetensors")
+        atomic_write_json(d / "metrics.json", metrics)
+        self.index["completed"] = [c for c in self.index["completed"] if c["phase"] != phase]
+        self.index["completed"].append({"phase": phase, **record})
+        atomic_write_json(self._index_path, self.index)
+
+    def load_weights(self, phase: str) -> dict[str, dict[str, torch.Tensor]]:
+        d = self.phase_dir(phase)
+        return {p.name.removesuffix(".safetensors"): load_file(str(p)) for p in sorted(d.glob("*.safetensors"))}
+
+    def load_metrics(self, phase: str) -> dict[str, Any]:
+        return json.loads((self.phase_dir(phase) / "metrics.json").read_text())
+
+    def record(self, phase: str) -> dict[str, Any]:
+        return next(c for c in self.index["completed"] if c["phase"] == phase)

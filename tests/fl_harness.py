@@ -1,0 +1,129 @@
+"""An in-process Flower runtime for fast workflow tests: the real ServerApp ``main`` and the real
+ClientApp in one process, every message passed through Flower's own serialisation
+(deflate → bytes → inflate, as the SuperLink stores them), no Ray, no SuperLink.
+
+Leans on Flower internals (``TaskIdentity``, ``inflate_object_from_contents``); the ``flower_identity``
+fixture in ``tests/conftest.py`` is the one place that sets the task identity.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+
+RUN_ID = 4242
+
+
+def wire(msg: Message) -> tuple[Message, int]:
+    """Serialise ``msg`` the way the runtime does and rebuild it; returns (copy, bytes on the wire)."""
+    objects = get_all_nested_objects(msg)
+    contents = {oid: obj.deflate() for oid, obj in objects.items()}
+    size = sum(len(c) for c in contents.values())
+    out = inflate_object_from_contents(msg.object_id, contents)
+    assert isinstance(out, Message)
+    out.metadata.__dict__["_message_id"] = msg.metadata.message_id  # not part of the payload
+    return out, size
+
+
+@dataclass
+class Sent:
+    """What the harness saw cross: message type, destination, group, bytes each way."""
+
+    message_type: str
+    dst_node_id: int
+    group_id: str
+    bytes_out: int
+    bytes_in: int = 0
+    error: str = ""
+    records_in: tuple[str, ...] = ()
+
+
+@dataclass
+class InProcessGrid(Grid):
+    """A Grid whose nodes run ``client_app`` synchronously in this process.
+
+    ``node_configs`` gives each node its ``node_config`` (simulation: partition-id; deployment:
+    site/role/data-dir). Nodes listed in ``silent`` never answer (a timeout, as the server sees it).
+    """
+
+    client_app: ClientApp
+    node_configs: list[dict[str, Any]]
+    run_config: dict[str, Any] = field(default_factory=dict)
+    silent: set[int] = field(default_factory=set)
+    log: list[Sent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._run = Run.create_empty(RUN_ID)
+        self.contexts = {
+            100 + i: Context(RUN_ID, 100 + i, dict(nc), RecordDict(), dict(self.run_config))
+            for i, nc in enumerate(self.node_configs)
+        }
+        self._inbox: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            copy, size = wire(msg)
+            self._inbox[msg.metadata.message_id] = copy
+            self.log.append(Sent(msg.metadata.message_type, msg.metadata.dst_node_id, msg.metadata.group_id, size))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def _handle(self, msg: Message) -> Message:
+        ctx = self.contexts[msg.metadata.dst_node_id]
+        try:
+            return self.client_app(msg, ctx)
+        except Exception as ex:  # as the runtime does: an exception becomes an error reply
+            traceback.print_exc()
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for mid in message_ids:
+            msg = self._inbox.pop(mid, None)
+            if msg is None or msg.metadata.dst_node_id in self.silent:
+                continue
+            reply = self._handle(msg)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            copy, size = wire(reply)
+            sent = next(s for s in reversed(self.log) if s.group_id == msg.metadata.group_id
+                        and s.dst_node_id == msg.metadata.dst_node_id)
+            sent.bytes_in = size
+            sent.error = reply.error.reason if reply.has_error() else ""
+            sent.records_in = tuple(reply.content.keys()) if reply.has_content() else ()
+            replies.append(copy)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
+
+
+def run_server(server_app: ServerApp, grid: InProcessGrid) -> None:
+    """Run the ServerApp's ``main`` against ``grid`` (the run config is the grid's)."""
+    server_app(grid, Context(RUN_ID, 0, {}, RecordDict(), dict(grid.run_config)))

@@ -1,0 +1,238 @@
+"""The federated workflow, in process: the real ServerApp main and ClientApp, Flower serialisation,
+no Ray (tests/fl_harness.py). Tiny config with 2 steps per stage: seconds per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from clients.app import app as client_app
+from common.config import (
+    ExperimentConfig,
+    SiteConfig,
+    SynthConfig,
+    dump_experiment,
+    load_experiment,
+)
+from common.fl import protocol as p
+from server.app import app as server_app
+from server.report import method_order
+from server.store import RunDirError
+from server.workflow import PhaseLog, Settings, Workflow, WorkflowError
+from tests.fl_harness import InProcessGrid, run_server
+
+STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
+TARGET2 = SiteConfig(name="telemed2", role="target",
+                     synth=SynthConfig(preset="target", patients=6, videos_per_patient=1, frames_per_video=8, seed=3))
+
+
+def _experiment(tmp: Path, name: str, rounds: int = 1, extra_target: bool = False) -> tuple[Path, ExperimentConfig]:
+    cfg = load_experiment("configs/tiny.yaml", overrides=STEPS)
+    sites = (*cfg.sites, TARGET2) if extra_target else cfg.sites
+    cfg = cfg.model_copy(update={"name": name, "rounds": rounds, "sites": sites})
+    path = tmp / f"{name}.yaml"
+    path.write_text(dump_experiment(cfg))
+    return path, cfg
+
+
+@pytest.fixture(scope="module")
+def sites_root(tmp_path_factory) -> Path:
+    """Each simulated site's data in its own folder (made once for the module)."""
+    from simulations.sites import ensure_site
+
+    root = tmp_path_factory.mktemp("sites")
+    cfg = load_experiment("configs/tiny.yaml")
+    for site in (*cfg.sites, TARGET2):
+        ensure_site(site, cfg.model.img_size, root, progress=False)
+    return root
+
+
+def _grid(exp: Path, run_dir: Path, sites_root: Path, n: int, **rc) -> InProcessGrid:
+    run_config = {"experiment": str(exp), "run-dir": str(run_dir), "sites-root": str(sites_root),
+                  "timeout-query": 10, "timeout-train": 60, "timeout-evaluate": 60, "node-wait": 1,
+                  "min-nodes": 0, **rc}
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    return InProcessGrid(client_app, nodes, run_config)
+
+
+def _types(grid: InProcessGrid) -> list[str]:
+    return [s.message_type for s in grid.log]
+
+
+def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identity):
+    # Prepare
+    exp, cfg = _experiment(tmp_path, "pair")
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    # Execute
+    run_server(server_app, grid)
+    # Assert: the phases sent exactly the paper's messages
+    types = _types(grid)
+    assert types.count(p.QUERY_SITE) == 2
+    assert types.count(p.TRAIN_PRETRAIN) == 2  # SimMIM + MT-NXent at the one target
+    assert types.count(p.TRAIN_FINETUNE) == 4  # simmim, mtnxent, lower at the source; upper at the target
+    assert types.count(p.EVALUATE_SEGMENT) == 2  # both sites have labeled test frames
+    assert not [s.error for s in grid.log if s.error]
+    # nothing but weights, scalars and score vectors came back
+    allowed = set().union(*p.ALLOWED_REPLY_RECORDS.values())
+    assert all(set(s.records_in) <= allowed for s in grid.log)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = (tmp_path / "run" / "report.md").read_text()
+    for method in method_order(cfg):
+        assert results["labels"][method] in report
+        assert method in results["tables"]["telemed"] and method in results["tables"]["lumify"]
+    assert "Target test set" in report and "Source test set" in report and "gap closed" in report
+    assert [ph["phase"] for ph in results["phases"]] == ["discover", "pretrain", "finetune", "evaluate"]
+    assert all(ph["bytes_received"] > 0 for ph in results["phases"])
+    # site-local artifacts stay in each site's own folder
+    assert any((tmp_path / "run" / "sites" / "telemed").glob("pretrain-simmim-r1/*"))
+    assert any((tmp_path / "run" / "sites" / "lumify").glob("finetune-lower-r1/*"))
+
+
+def test_two_targets_average_each_round(tmp_path, sites_root, flower_identity):
+    # Prepare: two target sites, one source, two rounds per phase
+    exp, cfg = _experiment(tmp_path, "three", rounds=2, extra_target=True)
+    grid = _grid(exp, tmp_path / "run", sites_root, 3)
+    # Execute
+    run_server(server_app, grid)
+    # Assert
+    types = _types(grid)
+    assert types.count(p.TRAIN_PRETRAIN) == 2 * 2 * 2  # rounds × branches × targets
+    assert types.count(p.TRAIN_FINETUNE) == 2 * (3 + 2)  # rounds × (3 arms at the source + upper at 2 targets)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rounds = {ph["phase"]: ph["rounds"] for ph in results["phases"]}
+    pre = [r for r in rounds["pretrain"] if r["averaged"]]
+    assert {(r["key"], r["round"]) for r in pre} == {(b, k) for b in ("simmim", "contrastive") for k in (1, 2)}
+    assert all(sorted(r["sites"]) == ["telemed", "telemed2"] for r in pre)
+    upper = [r for r in rounds["finetune"] if r["key"] == p.UPPER]
+    assert [r["averaged"] for r in upper] == [True, True]
+    assert not any(r["averaged"] for r in rounds["finetune"] if r["key"] != p.UPPER)  # one source
+    assert set(results["tables"]) == {"lumify", "telemed", "telemed2"}
+    assert "Federated averaging" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_average_is_weighted_by_example_count(tmp_path):
+    # Prepare: two sites' replies, 1 and 3 examples, one float and one integer tensor
+    cfg = load_experiment("configs/tiny.yaml")
+    wf = Workflow(grid=None, cfg=cfg, settings=Settings(tmp_path, tmp_path), log=lambda _: None)
+    wf._mdl_schema = {"w": ((2,), torch.float32), "n": ((), torch.int64)}  # a two-tensor "model"
+    wf.phase_logs["finetune"] = PhaseLog()
+
+    def reply(value: float, count: int, n: int) -> RecordDict:
+        return RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: n}),
+                           p.MODEL: ArrayRecord({"w": torch.full((2,), value), "n": torch.tensor(count)})})
+
+    site = type("S", (), {"name": "x"})
+    # Execute
+    avg = wf._average("finetune", 1, "upper", [(site, reply(1.0, 4, 1)), (site, reply(5.0, 8, 3))], p.MODEL)
+    # Assert
+    np.testing.assert_allclose(avg["w"].numpy(), [4.0, 4.0])  # (1·1 + 5·3) / 4
+    assert avg["n"].numpy().dtype == np.int64  # buffers keep their dtype
+    assert wf.phase_logs["finetune"].rounds[0]["num_examples"] == [1, 3]
+
+
+def test_failing_site_ends_the_run_naming_site_and_phase(tmp_path, sites_root, flower_identity, monkeypatch):
+    # Prepare: the target's pretraining raises
+    import common.stages
+
+    def boom(*args, **kwargs):
+        raise ValueError("disk on fire")
+
+    monkeypatch.setattr(common.stages, "pretrain", boom)
+    exp, _ = _experiment(tmp_path, "fail")
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    # Execute
+    with pytest.raises(WorkflowError) as err:
+        run_server(server_app, grid)
+    # Assert
+    msg = str(err.value)
+    assert "'telemed'" in msg and "'pretrain'" in msg and "disk on fire" in msg
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "report.md").exists()
+    assert "disk on fire" in json.loads((tmp_path / "run" / "FAILED.json").read_text())["error"]
+
+
+def test_silent_site_times_out_with_its_name(tmp_path, sites_root, flower_identity):
+    exp, _ = _experiment(tmp_path, "silent")
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    # discover first, then let node 101 (partition 1 = telemed) go quiet
+    original = grid.pull_messages
+
+    def pull(ids):
+        if any(s.message_type != p.QUERY_SITE for s in grid.log):
+            grid.silent = {101}
+        return original(ids)
+
+    grid.pull_messages = pull
+    with pytest.raises(WorkflowError, match=r"no reply within .* 'telemed'"):
+        run_server(server_app, grid)
+
+
+def test_rerun_resumes_after_the_last_completed_phase(tmp_path, sites_root, flower_identity, monkeypatch):
+    # Prepare: a first attempt that fails in the evaluate phase
+    import common.stages
+
+    real_evaluate = common.stages.evaluate
+    monkeypatch.setattr(common.stages, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("GPU lost")))
+    exp, _ = _experiment(tmp_path, "resume")
+    first = _grid(exp, tmp_path / "run", sites_root, 2)
+    with pytest.raises(WorkflowError, match="evaluate"):
+        run_server(server_app, first)
+    done = [c["phase"] for c in json.loads((tmp_path / "run" / "phases.json").read_text())["completed"]]
+    assert done == ["pretrain", "finetune"]
+    # Execute: the same run again, evaluation healthy
+    monkeypatch.setattr(common.stages, "evaluate", real_evaluate)
+    second = _grid(exp, tmp_path / "run", sites_root, 2)
+    run_server(server_app, second)
+    # Assert: no training message was sent again, and the report is complete
+    assert set(_types(second)) == {p.QUERY_SITE, p.EVALUATE_SEGMENT}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [ph["phase"] for ph in results["phases"] if ph["resumed"]] == ["pretrain", "finetune"]
+    assert not (tmp_path / "run" / "FAILED.json").exists()
+
+
+def test_run_folder_of_another_experiment_is_refused(tmp_path, sites_root, flower_identity):
+    exp, _ = _experiment(tmp_path, "other")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "phases.json").write_text(json.dumps({"fingerprint": "x", "completed": []}))
+    with pytest.raises(RunDirError, match="different experiment"):
+        run_server(server_app, _grid(exp, tmp_path / "run", sites_root, 2))
+
+
+def test_deployed_nodes_take_their_site_from_node_config(tmp_path, sites_root, flower_identity, monkeypatch):
+    # Prepare: node_config as `flower-supernode --node-config` gives it; stop after discovery
+    import common.stages
+
+    monkeypatch.setattr(common.stages, "pretrain", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    exp, _ = _experiment(tmp_path, "deploy")
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    grid.contexts[100].node_config = {"site": "telemed", "role": "target", "data-dir": str(sites_root / "telemed")}
+    grid.contexts[101].node_config = {"site": "lumify", "role": "source", "data-dir": str(sites_root / "lumify")}
+    # Execute
+    with pytest.raises(WorkflowError, match="stop"):
+        run_server(server_app, grid)
+    # Assert: the pretrain messages went to node 100, the deployed target
+    assert {s.dst_node_id for s in grid.log if s.message_type == p.TRAIN_PRETRAIN} == {100}
+
+
+def test_reply_guard_blocks_a_site_that_would_send_more(tmp_path, sites_root, flower_identity, monkeypatch):
+    # Prepare: a site card that tries to carry an array
+    import clients.app
+
+    honest = p.pack_site_card
+
+    def leaky_card(card):
+        rd = honest(card)
+        rd["frames"] = ArrayRecord({"f": torch.zeros(4)})
+        return rd
+
+    monkeypatch.setattr(clients.app.p, "pack_site_card", leaky_card)
+    exp, _ = _experiment(tmp_path, "leak")
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    # Execute / Assert: refused on the site, before anything is uploaded
+    with pytest.raises(WorkflowError, match="'frames' is not allowed"):
+        run_server(server_app, grid)
+    assert all(s.records_in == () for s in grid.log)

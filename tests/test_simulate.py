@@ -1,0 +1,29 @@
+"""`crossprobe simulate` end to end with Flower's real simulation runtime (SuperLink + Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.simulate import run_simulation, started_processes
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_on_tiny_completes_and_cleans_up(tmp_path, monkeypatch):
+    # Prepare: a run-local FLWR_HOME (simulate uses <run-dir>/.flwr) and a tmp run folder
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "user-flwr-home-untouched"))
+    run_dir = tmp_path / "run"
+    # Execute
+    try:
+        summary = run_simulation(Path("configs/tiny.yaml"), run_dir, timeout=540)
+    finally:
+        leftover = started_processes(run_dir / ".flwr")
+    # Assert
+    assert summary["status"] == "finished:completed"
+    assert (run_dir / "report.md").is_file() and (run_dir / "results.json").is_file()
+    assert json.loads((run_dir / "simulate.json").read_text())["status"] == "finished:completed"
+    assert [c["phase"] for c in summary["phases"]] == ["pretrain", "finetune", "evaluate"]
+    assert leftover == [], f"Flower/Ray processes left running: {leftover}"
+    assert not (tmp_path / "user-flwr-home-untouched").exists()
