@@ -119,6 +119,7 @@ class ContrastiveConfig(_Frozen):
     jitter: float = Field(0.4, ge=0)
     jitter_p: float = Field(0.8, ge=0, le=1)
     augment_both_views: bool = True
+    simclr_arm: bool = False  # also pretrain + fine-tune a SimCLR (min_frame_gap 0) arm
     sampler: Literal["random", "video"] = "random"
     frames_per_video: int = Field(4, ge=2)  # for sampler: video
     optim: OptimConfig = OptimConfig(
@@ -170,6 +171,12 @@ class SynthConfig(_Frozen):
     img_size: int | None = None  # rendered frame size; None = model.img_size
     difficulty: float = Field(1.0, ge=0)
     seed: int = 0
+    mask: Literal["band", "full"] = "band"  # label a band below the bone surface, or all below it
+    band_mm: float = Field(2.0, gt=0)  # depth of the labeled band (mask: band)
+    label_every: int = Field(8, ge=1)  # target sites: every n-th frame of a video is labeled
+    target_train_labels: bool = True  # target: sparse labels on train too (upper bound; SSL ignores)
+    val_fraction: float = Field(0.16, ge=0, lt=1)  # patient split; train gets the rest
+    test_fraction: float = Field(0.16, ge=0, lt=1)
 
 
 class SiteConfig(_Frozen):
