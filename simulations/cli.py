@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -18,28 +19,27 @@ def _root() -> None:
     """crossprobe: cross-probe ultrasound bone segmentation, federated across isolated sites."""
 
 
-def _register() -> None:
-    from simulations.bench import bench_command
+# name -> (module, attribute, help); a typer.Typer attribute becomes a command group
+COMMANDS = {
+    "simulate": ("simulations.simulate", "simulate_command", "Run the whole federated study on simulated sites."),
+    "data": ("simulations.data_cli", "data_app", "Make, ingest, validate and export site datasets."),
+    "audit": ("simulations.audit_cli", "audit_command", "Check that only weights and scalars crossed (ledgers)."),
+    "certs": ("simulations.deploy", "certs_command", "Create TLS certificates and SuperNode keys."),
+    "preflight": ("simulations.deploy", "preflight_command", "Check a site is ready to join a federation."),
+    "bench": ("simulations.bench", "bench_command", "Training images/s per stage and fused-inference frames/s."),
+}
 
-    app.command("bench", help="Training images/s per stage and fused-inference frames/s.")(
-        bench_command
-    )
-    try:
-        from simulations.data_cli import data_app
-    except ImportError:  # pragma: no cover - only while the data package is being built
-        data_app = None
-    if data_app is not None:
-        app.add_typer(
-            data_app, name="data", help="Make, ingest, validate and export site datasets."
-        )
-    try:
-        from simulations.simulate import simulate_command
-    except ImportError:  # pragma: no cover
-        simulate_command = None
-    if simulate_command is not None:
-        app.command("simulate", help="Run the whole federated study on simulated sites.")(
-            simulate_command
-        )
+
+def _register() -> None:
+    for name, (module, attr, help_text) in COMMANDS.items():
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):  # a command whose module is not built yet
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=name, help=help_text)
+        else:
+            app.command(name, help=help_text)(obj)
 
 
 def main() -> None:
