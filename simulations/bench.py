@@ -164,3 +164,74 @@ def bench_command(
         typer.echo(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
+
+
+def run_pipeline(config: str, run_dir: Path) -> dict:
+    """The federated study's stages called directly, in process, one after the other — no Flower.
+
+    The reference for the Flower overhead: same config, same stage functions, same data; compare its
+    wall time with ``crossprobe simulate``'s. One source + one target (the paper's federation).
+    """
+    from common import stages
+    from common.data.manifest import load_site
+    from common.fl import protocol as p
+    from simulations.sites import ensure_site
+
+    cfg = load_experiment(config)
+    t0 = time.perf_counter()
+    data = {
+        s.role: load_site(ensure_site(s, cfg.model.img_size, run_dir / "data")) for s in cfg.sites
+    }
+    src, tgt = data["source"], data["target"]
+    out = run_dir / "inprocess"
+    times: dict[str, float] = {"data": time.perf_counter() - t0}
+
+    def timed(key: str, fn):
+        t = time.perf_counter()
+        res = fn()
+        times[key] = time.perf_counter() - t
+        return res
+
+    branches = [p.SIMMIM, p.CONTRASTIVE] + ([p.SIMCLR] if cfg.contrastive.simclr_arm else [])
+    encoders = {
+        b: timed(
+            f"pretrain:{b}", lambda b=b: stages.pretrain(cfg, b, tgt, out / f"pretrain-{b}")
+        ).state
+        for b in branches
+    }
+    models = {}
+    for b, enc in encoders.items():
+        arm = p.ARM_OF_BRANCH[b]
+        models[arm] = timed(
+            f"finetune:{arm}",
+            lambda arm=arm, enc=enc: stages.finetune(cfg, src, out / f"ft-{arm}", enc, arm),
+        ).state
+    models[p.LOWER] = timed(
+        "finetune:lower", lambda: stages.finetune(cfg, src, out / "ft-lower", None, p.LOWER)
+    ).state
+    models[p.UPPER] = timed(
+        "finetune:upper", lambda: stages.finetune(cfg, tgt, out / "ft-upper", None, p.UPPER)
+    ).state
+    results = {
+        site.name: timed(
+            f"evaluate:{site.name}",
+            lambda site=site: stages.evaluate(
+                cfg, site, out / f"eval-{site.name}", models, [p.FUSION_PAIR]
+            ),
+        ).metrics
+        for site in (tgt, src)
+    }
+    times["total"] = time.perf_counter() - t0
+    summary = {"config": config, "seconds": times, "metrics": results}
+    (run_dir / "inprocess.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def pipeline_command(
+    config: Path = typer.Option(Path("configs/demo.yaml"), help="Experiment YAML."),
+    run_dir: Path = typer.Option(Path("runs/inprocess"), help="Where data and outputs go."),
+) -> None:
+    """Run the study's stages in process without Flower (the reference for Flower's overhead)."""
+    res = run_pipeline(str(config), run_dir)
+    for k, v in res["seconds"].items():
+        typer.echo(f"{k:28s} {v:8.1f} s")

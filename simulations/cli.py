@@ -21,12 +21,37 @@ def _root() -> None:
 
 # name -> (module, attribute, help); a typer.Typer attribute becomes a command group
 COMMANDS = {
-    "simulate": ("simulations.simulate", "simulate_command", "Run the whole federated study on simulated sites."),
-    "data": ("simulations.data_cli", "data_app", "Make, ingest, validate and export site datasets."),
-    "audit": ("simulations.audit_cli", "audit_command", "Check that only weights and scalars crossed (ledgers)."),
+    "simulate": (
+        "simulations.simulate",
+        "simulate_command",
+        "Run the whole federated study on simulated sites.",
+    ),
+    "data": (
+        "simulations.data_cli",
+        "data_app",
+        "Make, ingest, validate and export site datasets.",
+    ),
+    "audit": (
+        "simulations.audit_cli",
+        "audit_command",
+        "Check that only weights and scalars crossed (ledgers).",
+    ),
     "certs": ("simulations.deploy", "certs_command", "Create TLS certificates and SuperNode keys."),
-    "preflight": ("simulations.deploy", "preflight_command", "Check a site is ready to join a federation."),
-    "bench": ("simulations.bench", "bench_command", "Training images/s per stage and fused-inference frames/s."),
+    "preflight": (
+        "simulations.deploy",
+        "preflight_command",
+        "Check a site is ready to join a federation.",
+    ),
+    "bench": (
+        "simulations.bench",
+        "bench_command",
+        "Training images/s per stage and fused-inference frames/s.",
+    ),
+    "bench-pipeline": (
+        "simulations.bench",
+        "pipeline_command",
+        "The study's stages in process, without Flower (overhead reference).",
+    ),
 }
 
 

@@ -1,8 +1,20 @@
-"""Shared fixtures: the Flower task identity for in-process messages."""
+"""Shared fixtures: the Flower task identity for in-process messages; test process settings."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # tests name configs/*.yaml relative to the repository root
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one torch thread per xdist worker: no oversubscription on 2 cores
 
 
 @pytest.fixture
