@@ -57,6 +57,8 @@ def _site_table(methods: list[str], ours: str, ev: dict[str, Any]) -> dict[str, 
             if vec is None and key not in ev["metrics"]:
                 continue
             row[s] = float(np.mean(vec)) if vec else float(ev["metrics"][key])
+            if ev["per_video"].get(key):
+                row[f"video_{s}"] = float(np.mean(ev["per_video"][key]))
             if m != ours and vec and f"{ours}/{s}" in ev["per_image"]:
                 pv, st = paired_wilcoxon(vec, ev["per_image"][f"{ours}/{s}"])
                 row[f"p_{s}"], row[f"stars_{s}"] = pv, st
@@ -109,10 +111,11 @@ def build_results(
 
 
 def _cell(row: dict[str, Any] | None, s: str, video: bool = False) -> str:
-    if not row or s not in row:
+    value = row.get(f"video_{s}" if video else s) if row else None
+    if value is None:
         return "–"
     stars = row.get(f"stars_video_{s}" if video else f"stars_{s}", "")
-    return f"{row[s]:.4f}{(' ' + stars) if stars and stars != 'ns' else ''}"
+    return f"{value:.4f}{(' ' + stars) if stars and stars != 'ns' else ''}"
 
 
 def _pct(x: float | None) -> str:
@@ -146,7 +149,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             ev = results["evaluation"][n]
             lines.append(f"- {n}: {ev['num_examples']} test images; share of the lower→upper gap closed "
                          f"by ours: DSC {_pct(g['dice'])}, IoU {_pct(g['iou'])}")
-        lines += ["", "Per-video means (the honest test: frames of one video are correlated):", "",
+        lines += ["", "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
+                  "frames of one video are correlated):", "",
                   "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
                   "|---" * (1 + 2 * len(names)) + "|"]
         for m in methods:
