@@ -1,8 +1,9 @@
 """The site side as a Flower ClientApp: thin handlers (unpack, call, pack).
 
-A guard mod checks every request and reply against the wire contract (``common.fl.protocol``)
-before anything is run or sent: a reply carrying a record the table does not allow for this message
-type and role becomes an error reply, and nothing is uploaded (fail closed).
+The guard mod (``common.fl.audit.Guard``) checks every request and reply against the wire contract
+and the model's own state-dict schema before anything is run or sent, and logs both in the site's
+hash-chained ledger (``<site out dir>/ledger.jsonl``): a reply carrying a record, array or metric
+list the contract does not allow becomes an error reply, and nothing is uploaded (fail closed).
 """
 
 from __future__ import annotations
@@ -12,25 +13,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import source, target
-from clients.site import known_role, resolve_site, site_card
+from clients.site import known_site, resolve_site, site_card
+from common.fl import audit
 from common.fl import protocol as p
 
-
-def wire_guard(msg: Message, context: Context, call_next) -> Message:
-    """Refuse requests and replies the wire contract does not allow for this site's role."""
-    mtype = msg.metadata.message_type
-    role = known_role(context)
-    if mtype != p.QUERY_SITE:
-        if role is None:
-            raise p.ProtocolError(f"{mtype}: this site has not been discovered (query.site) yet")
-        p.check_request(mtype, role, msg.content)
-    reply = call_next(msg, context)
-    if reply.has_content():
-        p.check_reply(mtype, known_role(context) or "", reply.content)
-    return reply
-
-
-app = ClientApp(mods=[wire_guard])
+app = ClientApp(mods=[audit.Guard(known_site)])
 
 
 @app.query(p.action(p.QUERY_SITE))

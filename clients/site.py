@@ -71,12 +71,16 @@ def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] |
     return LocalSite(name, role, data_dir, out)
 
 
-def known_role(context: Context) -> str | None:
-    """The role this node already resolved (for the wire guard), or None."""
-    if "role" in context.node_config:
-        return str(context.node_config["role"])
-    rec = context.state.config_records.get(_STATE)
-    return str(rec["role"]) if rec is not None else None
+def known_site(context: Context):
+    """The site this node already knows it is (``common.fl.audit.SiteInfo``), or None before its
+    first ``query.site`` in simulation. For the guard and the site's ledger."""
+    from common.fl.audit import SiteInfo
+
+    try:
+        site = resolve_site(context)
+    except SiteSetupError:
+        return None
+    return SiteInfo(site.name, site.role, site.out_dir)
 
 
 def load_data(site: LocalSite):

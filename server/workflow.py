@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ExperimentConfig, dump_experiment
+from common.fl import audit
 from common.fl import protocol as p
-from common.models import build_transunet, encoder_schema
 from server import report
 from server.store import RunStore, atomic_write_json, atomic_write_text, fingerprint
 
@@ -103,6 +102,10 @@ class Workflow:
         self.store = RunStore(settings.run_dir, self._fingerprint())
         self.sites: dict[str, Site] = {}
         self.phase_logs: dict[str, PhaseLog] = {}
+        # what crossed, hash-chained (common/fl/audit.py); the sites keep their own
+        self.ledger = audit.Ledger(settings.run_dir / audit.LEDGER_NAME)
+        run = getattr(grid, "run", None) if grid is not None else None
+        self.run_id = getattr(run, "run_id", None)
 
     # ---------------------------------------------------------------- helpers
     def log(self, text: str) -> None:
@@ -120,6 +123,28 @@ class Workflow:
     def by_role(self, role: str) -> list[Site]:
         return [s for s in self.sites.values() if s.role == role]
 
+    def _log_message(self, phase: str, direction: str, msg: Message, site: Site | None, records, **extra) -> None:
+        self.ledger.append(audit.message_entry(
+            audit.SERVER, direction, msg, records, run_id=self.run_id, site=site.name if site else "",
+            role=site.role if site else "", phase=phase, **extra))
+
+    def _receive(self, phase: str, where: str, reply: Message, site: Site, max_list: int | None = None) -> None:
+        """Log a reply in the server ledger and apply the same contract check as the site's guard.
+
+        Raises:
+            WorkflowError: an error reply, or a reply the contract does not allow (refused).
+        """
+        records = audit.describe(reply.content) if reply.has_content() else []
+        if reply.has_error():
+            self._log_message(phase, "in", reply, site, records, error=reply.error.reason)
+            raise WorkflowError(f"{where}: {reply.error.reason}")
+        try:
+            audit.check("reply", reply.metadata.message_type, site.role, records, self.cfg, max_list)
+        except audit.ContractViolation as err:
+            self._log_message(phase, "in", reply, site, records, refused=str(err))
+            raise WorkflowError(f"{where}: refused reply: {err}") from None
+        self._log_message(phase, "in", reply, site, records)
+
     def _round(self, phase: str, rnd: int, jobs: list[Job], timeout: float) -> dict[str, list[tuple[Site, RecordDict]]]:
         """Send all jobs in one ``send_and_receive``; return replies grouped by job key.
 
@@ -135,10 +160,10 @@ class Workflow:
             group = f"{phase}/{job.key}/{job.site.name}/r{rnd}"
             groups[(job.site.node_id, group)] = job
             plog.bytes_sent += p.record_bytes(job.content)
-            messages.append(
-                Message(job.content, dst_node_id=job.site.node_id, message_type=job.message_type,
-                        group_id=group, ttl=timeout + 60)
-            )
+            msg = Message(job.content, dst_node_id=job.site.node_id, message_type=job.message_type,
+                          group_id=group, ttl=timeout + 60)
+            self._log_message(phase, "out", msg, job.site, audit.describe(job.content))
+            messages.append(msg)
         names = ", ".join(sorted({f"{j.site.name}:{j.key}" for j in jobs}))
         self.log(f"{phase} round {rnd}/{self._rounds(phase)}: {len(messages)} message(s) → {names}")
         t = time.monotonic()
@@ -149,12 +174,8 @@ class Workflow:
             if job is None:
                 continue  # a stray reply (e.g. from an earlier attempt): ignore
             where = f"site {job.site.name!r} ({job.site.role}) failed in phase {phase!r} ({job.message_type} {job.key}, round {rnd})"
-            if reply.has_error():
-                raise WorkflowError(f"{where}: {reply.error.reason}")
-            try:
-                p.check_reply(job.message_type, job.site.role, reply.content)
-            except p.ProtocolError as err:
-                raise WorkflowError(f"{where}: refused reply: {err}") from None
+            bound = job.site.labeled("test") if job.message_type == p.EVALUATE_SEGMENT else None
+            self._receive(phase, where, reply, job.site, bound)
             plog.bytes_received += p.record_bytes(reply.content)
             out.setdefault(job.key, []).append((job.site, reply.content))
         if groups:
@@ -170,26 +191,9 @@ class Workflow:
     def _rounds(self, phase: str) -> int:
         return self.cfg.rounds if phase in (PRETRAIN, FINETUNE) else 1
 
-    def _check_schema(self, where: str, rec: ArrayRecord, schema: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-        """Weights are checked against the model's own schema (names, shapes, dtypes), not names alone."""
-        missing = sorted(set(schema) - set(rec))
-        extra = sorted(set(rec) - set(schema))
-        bad = [
-            f"{k}: {tuple(a.shape)} {a.dtype}"
-            for k, a in rec.items()
-            if k in schema and (tuple(a.shape) != tuple(schema[k][0]) or not _dtype_ok(a.dtype, schema[k][1]))
-        ]
-        if missing or extra or bad:
-            raise WorkflowError(
-                f"{where}: weights do not match the model schema "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}, mis-shaped {bad[:3]})"
-            )
-
     def _average(self, phase: str, rnd: int, key: str, replies: list[tuple[Site, RecordDict]], record: str) -> ArrayRecord:
         """Example-weighted average of same-role sites' weights (identity for one site)."""
-        schema = self._encoder_schema if record == p.ENCODER else self._model_schema
-        for site, content in replies:
-            self._check_schema(f"site {site.name!r} in phase {phase!r} ({key}, round {rnd})", content.array_records[record], schema)
+        # each reply was checked against the model's own schema when it arrived (_receive)
         counts = [int(c.metric_records[p.METRICS][p.NUM_EXAMPLES]) for _, c in replies]
         info = {"key": key, "round": rnd, "sites": [s.name for s, _ in replies], "num_examples": counts,
                 "averaged": len(replies) > 1}
@@ -205,20 +209,6 @@ class Workflow:
         fixed = {k: Array(np.asarray(avg[k].numpy()).astype(first[k].numpy().dtype)) for k in first}
         self.log(f"{phase} {key}: averaged {len(replies)} sites by example count {counts}")
         return ArrayRecord(fixed)
-
-    @property
-    def _encoder_schema(self):
-        if not hasattr(self, "_enc_schema"):
-            self._enc_schema = encoder_schema(self.cfg.model)
-        return self._enc_schema
-
-    @property
-    def _model_schema(self):
-        if not hasattr(self, "_mdl_schema"):
-            with torch.device("meta"):
-                model = build_transunet(self.cfg.model)
-            self._mdl_schema = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-        return self._mdl_schema
 
     # ---------------------------------------------------------------- phases
     def discover(self) -> None:
@@ -244,20 +234,17 @@ class Workflow:
         t = time.monotonic()
         msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=p.QUERY_SITE, group_id=DISCOVER)
                 for n in nodes]
+        for msg in msgs:
+            self._log_message(DISCOVER, "out", msg, None, audit.describe(msg.content))
         plog.bytes_sent += p.record_bytes(content) * len(nodes)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.s.timeout_query))
         answered = {r.metadata.src_node_id for r in replies}
         for r in replies:
-            if r.has_error():
-                raise WorkflowError(f"node {r.metadata.src_node_id} failed in phase 'discover' (query.site): {r.error.reason}")
-            card = p.unpack_site_card(r.content)
-            role = str(card.get(p.K_ROLE, ""))
-            try:
-                p.check_reply(p.QUERY_SITE, role, r.content)
-            except p.ProtocolError as err:
-                raise WorkflowError(f"node {r.metadata.src_node_id} in phase 'discover': {err}") from None
+            card = p.unpack_site_card(r.content) if r.has_content() and p.SITE_CARD in r.content else {}
+            site = Site(r.metadata.src_node_id, str(card.get(p.K_NAME, "")), str(card.get(p.K_ROLE, "")), card)
+            where = f"node {r.metadata.src_node_id} failed in phase 'discover' (query.site)"
+            self._receive(DISCOVER, where, r, site)
             plog.bytes_received += p.record_bytes(r.content)
-            site = Site(r.metadata.src_node_id, str(card[p.K_NAME]), role, card)
             if site.name in self.sites:
                 raise WorkflowError(f"phase 'discover': two nodes claim to be site {site.name!r}")
             self.sites[site.name] = site
@@ -384,6 +371,11 @@ class Workflow:
         self.resumed: set[str] = set()
         run_dir = self.s.run_dir
         atomic_write_text(run_dir / "config.yaml", dump_experiment(self.cfg))
+        run = getattr(self.grid, "run", None)
+        self.ledger.append({"event": "run", "time": audit.now(), "run_id": self.run_id, "party": audit.SERVER,
+                            "experiment": self.cfg.name, "fab_id": getattr(run, "fab_id", ""),
+                            "fab_version": getattr(run, "fab_version", ""), "fab_hash": getattr(run, "fab_hash", ""),
+                            "code": audit.code_digest()})
         done = self.store.completed()
         if done:
             self.log(f"resuming {run_dir}: completed phases {done}")
@@ -421,9 +413,3 @@ class Workflow:
                             "rounds": pl.rounds})
         return out
 
-
-def _dtype_ok(wire: str, expected: torch.dtype) -> bool:
-    exp = str(expected).removeprefix("torch.")
-    if wire == exp:
-        return True
-    return expected.is_floating_point and wire in ("float16", "float32")  # fp16 on the wire is fine

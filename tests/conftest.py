@@ -19,15 +19,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture
 def flower_identity():
-    """``Message(...)`` outside a Flower runtime needs ``TaskIdentity`` (internal API): set it here,
-    and only here, for the duration of one test."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
+    """``Message(...)`` outside a Flower runtime needs ``TaskIdentity`` (internal API); it is set in
+    one place, ``tests.fl_harness.task_identity``, for the duration of one test here."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from tests.fl_harness import RUN_ID
+    from tests.fl_harness import task_identity
 
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
-    yield TaskIdentity
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
+    with task_identity():
+        yield TaskIdentity

@@ -8,8 +8,9 @@ fixture in ``tests/conftest.py`` is the one place that sets the task identity.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
@@ -127,3 +128,18 @@ class InProcessGrid(Grid):
 def run_server(server_app: ServerApp, grid: InProcessGrid) -> None:
     """Run the ServerApp's ``main`` against ``grid`` (the run config is the grid's)."""
     server_app(grid, Context(RUN_ID, 0, {}, RecordDict(), dict(grid.run_config)))
+
+
+@contextlib.contextmanager
+def task_identity() -> Iterator[None]:
+    """The Flower task identity ``Message(...)`` needs outside a runtime (internal API), set for the
+    block; the ``flower_identity`` fixture in ``tests/conftest.py`` uses it for one test."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

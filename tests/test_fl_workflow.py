@@ -119,7 +119,6 @@ def test_average_is_weighted_by_example_count(tmp_path):
     # Prepare: two sites' replies, 1 and 3 examples, one float and one integer tensor
     cfg = load_experiment("configs/tiny.yaml")
     wf = Workflow(grid=None, cfg=cfg, settings=Settings(tmp_path, tmp_path), log=lambda _: None)
-    wf._mdl_schema = {"w": ((2,), torch.float32), "n": ((), torch.int64)}  # a two-tensor "model"
     wf.phase_logs["finetune"] = PhaseLog()
 
     def reply(value: float, count: int, n: int) -> RecordDict:

@@ -27,3 +27,11 @@ def test_flwr_run_simulation_on_tiny_completes_and_cleans_up(tmp_path, monkeypat
     assert [c["phase"] for c in summary["phases"]] == ["pretrain", "finetune", "evaluate"]
     assert leftover == [], f"Flower/Ray processes left running: {leftover}"
     assert not (tmp_path / "user-flwr-home-untouched").exists()
+    # the server and both sites (Ray workers) kept ledgers that audit clean and agree
+    from common.fl.audit import audit_run
+
+    audit = audit_run(run_dir)
+    assert audit.ok, audit.render()
+    assert len(audit.ledgers) == 3 and audit.checked["matched messages"] == 20
+    runs = [e for _, e in audit.ledgers[0].entries if e.get("event") == "run"]
+    assert runs and runs[0]["run_id"] == summary["run_id"]

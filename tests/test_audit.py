@@ -1,0 +1,446 @@
+"""Only weights cross: the guard refuses smuggling on the site, every party keeps a hash-chained
+ledger, and `crossprobe audit` verifies chains, contract, model schema and site-vs-server agreement.
+
+Runs the real ServerApp main and the real ClientApp (with its guard mod) in process
+(tests/fl_harness.py) on configs/tiny.yaml with 2 steps per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clients.app import app as client_app
+from clients.site import known_site
+from common.config import dump_experiment, load_experiment
+from common.fl import audit
+from common.fl import protocol as p
+from server.app import app as server_app
+from server.workflow import WorkflowError
+from tests.fl_harness import InProcessGrid, run_server, task_identity
+
+STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
+
+
+# ------------------------------------------------------------------ file reads, via audit hooks
+class _Reads:
+    """Every file or folder opened in this process while ``active``, with the node handling a
+    message at that moment (None = the server). Python audit hooks see every ``open`` (builtins,
+    io, os, PIL, numpy) and directory listing; a hook cannot be removed, so it goes inert."""
+
+    active = False
+    node: int | None = None
+    seen: list[tuple[int | None, str]] = []
+
+    @classmethod
+    def hook(cls, event: str, args: tuple) -> None:
+        if not cls.active or event not in ("open", "os.listdir", "os.scandir"):
+            return
+        path = args[0] if args else None
+        if isinstance(path, str | bytes | os.PathLike):
+            cls.seen.append((cls.node, os.path.abspath(os.fsdecode(path))))
+
+
+_HOOKED: list[bool] = []
+
+
+def _record_reads(grid: InProcessGrid) -> None:
+    if not _HOOKED:
+        sys.addaudithook(_Reads.hook)
+        _HOOKED.append(True)
+    handle = grid._handle
+
+    def traced(msg):
+        _Reads.node = msg.metadata.dst_node_id
+        try:
+            return handle(msg)
+        finally:
+            _Reads.node = None
+
+    grid._handle = traced
+
+
+# ------------------------------------------------------------------ fixtures
+def _experiment(tmp: Path, name: str) -> Path:
+    cfg = load_experiment("configs/tiny.yaml", overrides=STEPS)
+    path = tmp / f"{name}.yaml"
+    path.write_text(dump_experiment(cfg.model_copy(update={"name": name})))
+    return path
+
+
+def _grid(exp: Path, run_dir: Path, sites_root: Path) -> InProcessGrid:
+    run_config = {
+        "experiment": str(exp),
+        "run-dir": str(run_dir),
+        "sites-root": str(sites_root),
+        "timeout-query": 10,
+        "timeout-train": 60,
+        "timeout-evaluate": 60,
+        "node-wait": 1,
+    }
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    return InProcessGrid(client_app, nodes, run_config)
+
+
+@pytest.fixture(scope="module")
+def sites_root(tmp_path_factory) -> Path:
+    from simulations.sites import ensure_site
+
+    root = tmp_path_factory.mktemp("sites")
+    cfg = load_experiment("configs/tiny.yaml")
+    for site in cfg.sites:
+        ensure_site(site, cfg.model.img_size, root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, sites_root):
+    """One complete tiny run (shared by the tests that only read it), file reads recorded."""
+    tmp = tmp_path_factory.mktemp("clean")
+    grid = _grid(_experiment(tmp, "clean"), tmp / "run", sites_root)
+    _record_reads(grid)
+    _Reads.seen, _Reads.active = [], True
+    try:
+        with task_identity():
+            run_server(server_app, grid)
+    finally:
+        _Reads.active = False
+    return tmp / "run", grid, list(_Reads.seen)
+
+
+def _copy(run: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("phases"))
+    return dst
+
+
+def _audit_cli(*args: str):
+    import typer
+
+    from simulations.audit_cli import audit_command
+
+    app = typer.Typer()
+    app.command()(audit_command)
+    return CliRunner().invoke(app, list(args))
+
+
+# ------------------------------------------------------------------ a clean run
+def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_run):
+    # Prepare
+    run, _, _ = clean_run
+    cfg = load_experiment(run / "config.yaml")
+    enc = audit.schema_bytes(audit.model_schema(cfg, p.ENCODER))
+    mdl = audit.schema_bytes(audit.model_schema(cfg, p.MODEL))
+
+    def saved(phase: str) -> int:  # what the server kept of each phase, as state dicts
+        return sum(
+            t.numel() * t.element_size()
+            for f in sorted((run / "phases" / phase).glob("*.safetensors"))
+            for t in load_file(str(f)).values()
+        )
+
+    # Execute
+    report = audit.audit_run(run)
+    # Assert
+    assert report.ok, report.render()
+    assert len(report.ledgers) == 3 and report.checked["matched messages"] == 20
+    server = {(ph, d): n for (party, ph, d), n in report.bytes.items() if party == audit.SERVER}
+    assert server["pretrain", "in"] == saved("pretrain") == 2 * enc  # SimMIM + MT-NXent encoders
+    assert server["finetune", "in"] == saved("finetune") == 4 * mdl  # simmim, mtnxent, lower, upper
+    assert server["finetune", "out"] == 2 * enc  # the two encoders go to the source
+    assert server["evaluate", "out"] == 2 * 4 * mdl  # four models to each of two sites
+    assert server["evaluate", "in"] == server["discover", "in"] == server["pretrain", "out"] == 0
+    assert report.model_bytes == {"encoder": enc, "model": mdl}
+    # every site logged the bytes it sent; they add up to what the server received
+    sent = sum(
+        n for (party, _, d), n in report.bytes.items() if party.startswith("site:") and d == "out"
+    )
+    assert sent == server["pretrain", "in"] + server["finetune", "in"]
+
+
+def test_audit_command_passes_on_the_clean_run(clean_run):
+    run, _, _ = clean_run
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_OK, result.output
+    assert "PASS" in result.output and "model sizes" in result.output
+    # a site can audit its own ledger alone
+    site = _audit_cli("--site", str(run / "sites" / "telemed"))
+    assert site.exit_code == audit.EXIT_OK and "PASS" in site.output, site.output
+
+
+def test_each_site_reads_only_its_own_data_folder(clean_run, sites_root):
+    # Prepare
+    run, grid, reads = clean_run
+    root = str(sites_root.resolve())
+    own = {
+        node: str((sites_root / known_site(ctx).name).resolve())
+        for node, ctx in grid.contexts.items()
+    }
+    under_root = [
+        (node, path) for node, path in reads if path == root or path.startswith(root + os.sep)
+    ]
+    # Assert: something was read, only by the site it belongs to, never by the server
+    assert {node for node, _ in under_root} == set(own)
+    strays = [
+        (node, path)
+        for node, path in under_root
+        if node is None or not (path == own[node] or path.startswith(own[node] + os.sep))
+    ]
+    assert strays == []
+
+
+# ------------------------------------------------------------------ tampering
+def _tamper(lines: list[str], how: str, k: int) -> list[str]:
+    if how == "edit":
+        entry = json.loads(lines[k - 1])
+        entry["time"] = "2000-01-01T00:00:00.000Z"
+        lines[k - 1] = audit.canonical(entry)
+    elif how == "delete":
+        del lines[k - 1]
+    elif how == "reorder":
+        lines[k - 1], lines[k] = lines[k], lines[k - 1]
+    elif how == "insert":
+        lines.insert(k - 1, lines[k])
+    return lines
+
+
+@pytest.mark.parametrize("ledger", ["ledger.jsonl", "sites/lumify/ledger.jsonl"])
+@pytest.mark.parametrize("how", ["edit", "delete", "reorder", "insert"])
+def test_a_changed_ledger_line_fails_the_audit_naming_the_line(clean_run, tmp_path, how, ledger):
+    # Prepare
+    run = _copy(clean_run[0], tmp_path)
+    path = run / ledger
+    lines = _tamper(path.read_text().splitlines(), how, 4)
+    path.write_text("\n".join(lines) + "\n")
+    # Execute
+    result = _audit_cli(str(run))
+    # Assert
+    assert result.exit_code == audit.EXIT_CHAIN, result.output
+    assert f"{path}:4:" in result.output and "CHAIN BROKEN" in result.output
+
+
+def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
+    # Prepare: a site rewrites its ledger to claim other weights, re-chaining every line
+    run = _copy(clean_run[0], tmp_path)
+    path = run / "sites" / "telemed" / "ledger.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    path.unlink()
+    ledger = audit.Ledger(path)
+    for e in entries:
+        for rec in e["records"]:
+            for a in rec.get("arrays", []):
+                a["sha256"] = "0" * 64
+        ledger.append({k: v for k, v in e.items() if k not in ("seq", "prev", "hash")})
+    # Execute
+    result = _audit_cli(str(run))
+    # Assert: the chain is intact, but the server's ledger tells another story
+    assert result.exit_code == audit.EXIT_MISMATCH, result.output
+    assert "differs between server and site" in result.output
+
+
+# ------------------------------------------------------------------ smuggling, refused on the site
+def _honest_pretrain(cfg, branch, data, out_dir, init_encoder=None):
+    """Stand-in for stages.pretrain: a fresh model's encoder weights, no training (fast)."""
+    from common.models import build_transunet, encoder_state_dict
+    from common.stages import StageResult
+
+    state = {k: v.clone() for k, v in encoder_state_dict(build_transunet(cfg.model)).items()}
+    return StageResult(state, {"loss": 0.5}, num_examples=len(data.rows))
+
+
+def _frame() -> torch.Tensor:
+    return torch.rand(1, 64, 64)  # one tiny-config image
+
+
+def _extra_record(monkeypatch):
+    import clients.app
+
+    honest = p.pack_weights_reply
+
+    def leaky(record, state, metrics, n):
+        rd = honest(record, state, metrics, n)
+        rd["frames"] = ArrayRecord({"f": _frame()})
+        return rd
+
+    monkeypatch.setattr(clients.app.p, "pack_weights_reply", leaky)
+
+
+def _smuggle_state(change):
+    def pretrain(*args, **kwargs):
+        res = _honest_pretrain(*args, **kwargs)
+        change(res.state)
+        return res
+
+    return pretrain
+
+
+SMUGGLERS = {
+    "extra record": (_extra_record, "record 'frames' is not allowed"),
+    "extra array": (
+        lambda mp: mp.setattr(
+            "common.stages.pretrain", _smuggle_state(lambda s: s.update(frame=_frame()))
+        ),
+        "array 'frame' [1, 64, 64] float32 in 'encoder' is not a model parameter",
+    ),
+    "parameter name, frame shape": (
+        lambda mp: mp.setattr(
+            "common.stages.pretrain", _smuggle_state(lambda s: s.update(pos_embed=_frame()))
+        ),
+        "array 'pos_embed' in 'encoder' is [1, 64, 64] float32, the model parameter is",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(SMUGGLERS))
+def test_a_smuggled_frame_is_refused_on_the_site(
+    tmp_path, sites_root, flower_identity, monkeypatch, how
+):
+    # Prepare: the target's pretraining handler result carries a frame
+    import common.stages
+
+    monkeypatch.setattr(common.stages, "pretrain", _honest_pretrain)
+    smuggle, reason = SMUGGLERS[how]
+    smuggle(monkeypatch)
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "smuggle"), run, sites_root)
+    # Execute
+    with pytest.raises(WorkflowError) as err:
+        run_server(server_app, grid)
+    # Assert: the run ends naming site, phase and violation; nothing of the reply was uploaded
+    msg = str(err.value)
+    assert "site 'telemed'" in msg and "phase 'pretrain'" in msg and reason in msg, msg
+    pre = [s for s in grid.log if s.message_type == p.TRAIN_PRETRAIN]
+    assert pre and all(s.error and s.records_in == () for s in pre)
+    assert reason in json.loads((run / "FAILED.json").read_text())["error"]
+    # the site's ledger keeps the refusal; the audit passes (nothing crossed) and reports it
+    site = [
+        json.loads(x) for x in (run / "sites" / "telemed" / "ledger.jsonl").read_text().splitlines()
+    ]
+    assert [e for e in site if e.get("refused") and reason in e["refused"] and e["records"] == []]
+    report = audit.audit_run(run)
+    assert report.ok, report.render()
+    assert any("refused a reply" in n and "nothing was sent" in n for n in report.notes)
+
+
+def test_a_frame_as_a_score_list_is_refused(
+    clean_run, tmp_path, sites_root, flower_identity, monkeypatch
+):
+    # Prepare: resume the clean run (pretrain/finetune done); evaluation adds a 4096-long "score"
+    import common.stages
+
+    run = tmp_path / "run"
+    shutil.copytree(clean_run[0], run)
+    index = json.loads((run / "phases.json").read_text())
+    index["completed"] = [c for c in index["completed"] if c["phase"] != "evaluate"]
+    (run / "phases.json").write_text(json.dumps(index))
+    real = common.stages.evaluate
+
+    def leaky(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.per_image["frame/dice"] = _frame().flatten().tolist()
+        return res
+
+    monkeypatch.setattr(common.stages, "evaluate", leaky)
+    grid = _grid(run / "config.yaml", run, sites_root)
+    # Execute
+    with pytest.raises(WorkflowError) as err:
+        run_server(server_app, grid)
+    # Assert
+    msg = str(err.value)
+    assert "phase 'evaluate'" in msg and "'frame/dice'" in msg and "list of 4096 numbers" in msg, (
+        msg
+    )
+    assert all(s.records_in == () for s in grid.log if s.message_type == p.EVALUATE_SEGMENT)
+
+
+def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, flower_identity):
+    # Prepare: a site whose app has no guard (the reply is changed after the ClientApp ran)
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "guardless"), run, sites_root)
+    handle = grid._handle
+
+    def modified_app(msg):
+        reply = handle(msg)
+        reply.content["frames"] = ArrayRecord({"f": _frame()})
+        return reply
+
+    grid._handle = modified_app
+    # Execute
+    with pytest.raises(
+        WorkflowError, match=r"phase 'discover'.*refused reply.*'frames' is not allowed"
+    ):
+        run_server(server_app, grid)
+    # Assert: the server logged what it received and refused; the audit calls it a violation
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_CONTRACT, result.output
+    assert "the server received a reply outside the contract" in result.output
+
+
+# ------------------------------------------------------------------ the check itself
+def test_check_refuses_payloads_metrics_and_cards_that_could_carry_a_frame():
+    cfg = load_experiment("configs/tiny.yaml")
+    schema = audit.model_schema(cfg, p.ENCODER)
+    name, (shape, dtype) = next(iter(schema.items()))
+    honest = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in schema.items()}
+
+    def reply(**records) -> list[dict]:
+        return audit.describe(RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3}), **records}))
+
+    # honest weights pass
+    audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=ArrayRecord(honest)), cfg)
+    # declared shape/dtype say "parameter", the .npy payload is a frame
+    forged = ArrayRecord(honest)
+    big = Array.from_numpy_ndarray(np.random.rand(64, 64).astype(np.float32))
+    forged[name] = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=big.data)
+    with pytest.raises(audit.ContractViolation, match=f"array '{name}'.*payload"):
+        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=forged), cfg)
+    # a missing parameter
+    with pytest.raises(audit.ContractViolation, match="lacks 1 parameter"):
+        partial = ArrayRecord({k: v for k, v in honest.items() if k != name})
+        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=partial), cfg)
+    # score vectors: bounded by the evaluated images; lists only in score records
+    ok = reply(scores=MetricRecord({"a/dice": [0.5, 0.6, 0.7]}))
+    audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, ok, cfg)
+    with pytest.raises(audit.ContractViolation, match="list of 4 numbers, more than the 3"):
+        audit.check(
+            "reply", p.EVALUATE_SEGMENT, p.SOURCE, reply(scores=MetricRecord({"a": [0.1] * 4})), cfg
+        )
+    with pytest.raises(audit.ContractViolation, match="more than the 2"):
+        audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, ok, cfg, max_list=2)
+    many = audit.describe(
+        RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3, "px": [0.0, 1.0]})})
+    )
+    with pytest.raises(audit.ContractViolation, match="only score vectors"):
+        audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, many, cfg)
+    # a frame spelled out in metric names
+    named = audit.describe(
+        RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3, "f" * 4096: 1.0})})
+    )
+    with pytest.raises(audit.ContractViolation, match="4096 characters"):
+        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, named, cfg)
+    # a site card carrying bytes
+    card = audit.describe(
+        RecordDict({p.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
+    )
+    with pytest.raises(audit.ContractViolation, match="'blob' is not a short scalar"):
+        audit.check("reply", p.QUERY_SITE, p.TARGET, card, None)
+
+
+def test_ledger_chains_each_entry_to_the_previous_one(tmp_path):
+    ledger = audit.Ledger(tmp_path / "l.jsonl")
+    a = ledger.append({"event": "x", "n": 1})
+    b = ledger.append({"event": "x", "n": 2})
+    assert a["prev"] == audit.GENESIS and b["prev"] == a["hash"] == audit.entry_hash(a)
+    assert (a["seq"], b["seq"]) == (1, 2)
+    lf = audit.read_ledger(tmp_path / "l.jsonl")
+    assert lf.chain_error == "" and lf.head == b["hash"]
