@@ -1,7 +1,8 @@
 """Which site this node is, where its data lives, where its local outputs go.
 
 Facts about a site come from that site: in deployment from the SuperNode's ``--node-config``
-(``site``, ``role``, ``data-dir``, optional ``out-dir``); in simulation, where ``node_config`` is only
+(``site``, ``role``, ``data-dir``, optional ``out-dir`` — default
+``$FLWR_HOME/crossprobe-outputs/<site>``); in simulation, where ``node_config`` is only
 ``{partition-id, num-partitions}``, from the experiment's ``sites`` table that the server sends with
 ``query.site`` (index = partition-id). The answer is kept in ``context.state`` (node-local, never
 sent), so later messages of the run know it.
@@ -9,6 +10,7 @@ sent), so later messages of the run know it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,10 @@ def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] |
         data_dir = Path(str(nc["data-dir"]))
         name = str(nc.get("site", data_dir.name))
         role = str(nc.get("role", ""))
-        out = Path(str(nc.get("out-dir", data_dir.parent / "crossprobe-outputs" / name)))
-        out = out / f"run-{context.run_id}"
+        # default beside FLWR_HOME (writable by the node), never beside the data: that is often
+        # mounted read-only
+        default_out = Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "crossprobe-outputs"
+        out = Path(str(nc.get("out-dir", default_out / name))) / f"run-{context.run_id}"
     elif "partition-id" in nc and federation:  # simulation: the experiment's sites[partition-id]
         pid = int(nc["partition-id"])
         if pid >= len(federation):

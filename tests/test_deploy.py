@@ -1,0 +1,414 @@
+"""Real deployment (issue 6): certificates, preflight, the compose files, and the compose topology run
+as real processes on 127.0.0.1 (CI has no Docker engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from simulations import deploy
+from simulations.simulate import flower_env, started_processes
+
+ROOT = deploy.APP_DIR
+SITES = {"lumify": "source", "telemed": "target"}  # configs/tiny.yaml
+
+
+# ------------------------------------------------------------------ compose files
+def _compose(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+@pytest.mark.parametrize("path", list(deploy.COMPOSE_FILES))
+def test_compose_file_is_the_generated_one(path):
+    # Prepare / Execute: what `python -m simulations.deploy compose --write` would write
+    expected = deploy.render_compose(path)
+    # Assert: the committed file and the command lines in simulations/deploy.py agree
+    assert (ROOT / path).read_text() == expected, (
+        f"{path} is stale: run python -m simulations.deploy compose --write"
+    )
+
+
+def test_demo_compose_commands_come_from_the_one_place():
+    # Prepare
+    services = _compose("docker-compose.yml")["services"]
+    # Assert
+    assert services["superlink"]["command"] == deploy.superlink_argv(
+        "/certs", "0.0.0.0", 9093, "/state/state.db"
+    )
+    assert services["serverapp"]["command"] == deploy.serverapp_executor_argv(
+        "/certs", "superlink:9093"
+    )
+    for site, role in SITES.items():
+        nc = deploy.node_config(site, role, f"/data/{site}", "/outputs")
+        assert services[f"supernode-{site}"]["command"] == deploy.supernode_argv(
+            "/certs", "superlink:9093", "0.0.0.0", 9094, nc
+        )
+        assert services[f"clientapp-{site}"]["command"] == deploy.clientapp_executor_argv(
+            "/certs", f"supernode-{site}:9094"
+        )
+
+
+def test_each_site_data_volume_is_mounted_read_only_in_that_site_only():
+    # Prepare
+    services = _compose("docker-compose.yml")["services"]
+    # Execute: who mounts data-<site> (the init service writes it once, before anything starts)
+    mounts = {
+        (name, v.split(":")[0]): v for name, svc in services.items() for v in svc.get("volumes", [])
+    }
+    # Assert
+    for site in SITES:
+        users = {name for (name, vol) in mounts if vol == f"data-{site}"} - {"init"}
+        assert users == {f"clientapp-{site}"}, f"data-{site} mounted in {users}"
+        assert mounts[(f"clientapp-{site}", f"data-{site}")].endswith(":ro")
+        keys = {name for (name, vol) in mounts if vol == f"certs-{site}"} - {"init"}
+        assert keys == {f"supernode-{site}", f"clientapp-{site}"}
+    assert services["init"]["command"][-1].count("--site") == len(SITES)
+
+
+@pytest.mark.parametrize("path", list(deploy.COMPOSE_FILES))
+def test_every_flower_service_uses_tls_and_nothing_is_insecure(path):
+    # Prepare
+    spec = _compose(path)
+    text = (ROOT / path).read_text()
+    # Assert
+    assert "--insecure" not in text and "insecure" not in text.lower()
+    flower = {
+        n: s["command"]
+        for n, s in spec["services"].items()
+        if s["command"][0].startswith("flower-")
+    }
+    assert flower, path
+    for name, cmd in flower.items():
+        if cmd[0] == "flower-superlink":
+            assert {
+                "--ssl-certfile",
+                "--ssl-keyfile",
+                "--ssl-ca-certfile",
+                "--enable-supernode-auth",
+            } <= set(cmd)
+        elif cmd[0] == "flower-supernode":
+            assert {"--root-certificates", "--auth-supernode-private-key", "--ssl-certfile"} <= set(
+                cmd
+            )
+        else:
+            assert "--root-certificates" in cmd, name
+        if cmd[0] != "flower-supernode":
+            assert "--superexec-auth-secret-file" in cmd, name
+    for name, svc in spec["services"].items():
+        assert svc.get("user") in (None, "root"), name
+        assert svc["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1", name
+        if svc.get("user") == "root":
+            assert name == "init"
+
+
+# ------------------------------------------------------------------ certs
+def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    # Execute
+    res = CliRunner().invoke(
+        deploy.cli,
+        [
+            "certs",
+            "--out",
+            str(tmp_path),
+            "--site",
+            "lumify",
+            "--site",
+            "telemed",
+            "--host",
+            "fl.example.org",
+        ],
+    )
+    # Assert
+    assert res.exit_code == 0, res.output
+    sl, site = tmp_path / "superlink", tmp_path / "sites" / "lumify"
+    cert = x509.load_pem_x509_certificate((sl / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {
+        "localhost",
+        "superlink",
+        "fl.example.org",
+    }
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    priv = serialization.load_ssh_private_key((site / "supernode.key").read_bytes(), None)
+    pub = serialization.load_ssh_public_key((site / "supernode.pub").read_bytes())
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+    assert (site / "supernode.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert priv.public_key().public_numbers() == pub.public_numbers()
+    assert (sl / "supernodes" / "lumify.pub").read_bytes() == (site / "supernode.pub").read_bytes()
+    rt = x509.load_pem_x509_certificate((site / "runtime.crt").read_bytes())
+    rt_san = rt.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "supernode-lumify" in rt_san.get_values_for_type(x509.DNSName)
+    for private in (
+        sl / "server.key",
+        site / "supernode.key",
+        site / "superexec.secret",
+        tmp_path / "ca" / "ca.key",
+    ):
+        assert private.stat().st_mode & 0o077 == 0, private
+    assert not (tmp_path / "sites" / "telemed" / "ca.key").exists()
+
+
+def test_certs_rerun_keeps_existing_files_and_adds_a_site(tmp_path):
+    # Prepare
+    deploy.make_certs(tmp_path, ["lumify"])
+    before = (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes()
+    # Execute
+    written = deploy.make_certs(tmp_path, ["lumify", "newsite"])
+    # Assert
+    assert (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes() == before
+    assert all("newsite" in str(p) for p in written)
+    assert (
+        CliRunner()
+        .invoke(deploy.cli, ["certs", "--out", str(tmp_path), "--site", "Bad Name"])
+        .exit_code
+        != 0
+    )
+
+
+# ------------------------------------------------------------------ preflight
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> Path:
+    return deploy.demo_data(ROOT / "configs" / "tiny.yaml", tmp_path_factory.mktemp("data"))[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _preflight(*args: str):
+    return CliRunner().invoke(deploy.cli, ["preflight", "--timeout", "1", *args])
+
+
+def test_preflight_ready_site_exits_0(tmp_path, site_data):
+    deploy.make_certs(tmp_path / "certs", ["lumify"])
+    res = _preflight("--data", str(site_data), "--certs", str(tmp_path / "certs/sites/lumify"),
+                     "--flwr-home", str(tmp_path / "home"))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "ready" in res.output
+
+
+def _break_data(tmp: Path, data: Path) -> tuple[list[str], str]:
+    return ["--data", str(tmp / "nodata")], str(tmp / "nodata" / "dataset.yaml")
+
+
+def _missing_key(tmp: Path, data: Path) -> tuple[list[str], str]:
+    (tmp / "certs/sites/lumify/supernode.key").unlink()
+    return ["--certs", str(tmp / "certs/sites/lumify")], "supernode.key"
+
+
+def _wrong_pub(tmp: Path, data: Path) -> tuple[list[str], str]:
+    other = (tmp / "certs/sites/telemed/supernode.pub").read_bytes()
+    (tmp / "certs/sites/lumify/supernode.pub").write_bytes(other)
+    return ["--certs", str(tmp / "certs/sites/lumify")], "supernode.key: does not match"
+
+
+def _foreign_ca(tmp: Path, data: Path) -> tuple[list[str], str]:
+    deploy.make_certs(tmp / "other", ["lumify"])
+    for f in ("runtime.crt", "runtime.key"):
+        (tmp / "certs/sites/lumify" / f).write_bytes((tmp / "other/sites/lumify" / f).read_bytes())
+    return ["--certs", str(tmp / "certs/sites/lumify")], "runtime.crt: not signed by the CA"
+
+
+def _closed_port(tmp: Path, data: Path) -> tuple[list[str], str]:
+    port = _free_port()
+    return [
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--certs",
+        str(tmp / "certs/sites/lumify"),
+    ], f"127.0.0.1:{port}"
+
+
+def _no_tls(tmp: Path, data: Path) -> tuple[list[str], str]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)  # accepts TCP, never speaks TLS
+    _no_tls.sock = srv  # kept open for the call
+    port = srv.getsockname()[1]
+    return [
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--certs",
+        str(tmp / "certs/sites/lumify"),
+    ], f"127.0.0.1:{port}"
+
+
+def _home_is_a_file(tmp: Path, data: Path) -> tuple[list[str], str]:
+    (tmp / "afile").write_text("x")
+    return ["--flwr-home", str(tmp / "afile" / "home")], str(tmp / "afile" / "home")
+
+
+@pytest.mark.parametrize(
+    ("breaker", "code"),
+    [(_break_data, 10), (_missing_key, 11), (_wrong_pub, 12), (_foreign_ca, 12), (_closed_port, 13),
+     (_no_tls, 14), (_home_is_a_file, 15)],
+    ids=["data", "missing-key", "key-mismatch", "foreign-ca", "unreachable", "no-tls", "flwr-home"],
+)  # fmt: skip
+def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
+    tmp_path, site_data, breaker, code
+):
+    # Prepare: a ready site, then break one thing
+    deploy.make_certs(tmp_path / "certs", ["lumify", "telemed"])
+    args, culprit = breaker(tmp_path, site_data)
+    if "--flwr-home" not in args:
+        args += ["--flwr-home", str(tmp_path / "home")]
+    # Execute
+    res = _preflight(*args)
+    # Assert
+    assert res.exit_code == code, res.output
+    assert culprit in res.output
+    with contextlib.suppress(AttributeError):
+        _no_tls.sock.close()
+
+
+# ------------------------------------------------------------------ the topology as processes
+class Topology:
+    """Processes of one deployment on 127.0.0.1, each in its own process group and FLWR_HOME."""
+
+    def __init__(self, root: Path):
+        self.root, self.procs, self.homes = root, {}, []
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.root / "homes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        self.homes.append(home)
+        env = flower_env(home)  # FLWR_HOME, no runtime installs, no telemetry, no update check
+        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+        return env
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.root / "logs" / f"{name}.log").open("w")
+        p = subprocess.Popen(argv, env=self.env(name), cwd=self.root, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.procs[name] = p
+        return p
+
+    def run(self, name: str, argv: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env=self.env(name), cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)  # fmt: skip
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, sig)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(
+                p.poll() is None for p in self.procs.values()
+            ):
+                time.sleep(0.1)
+        for home in self.homes:  # anything that left its process group (ClientApp/ServerApp runs)
+            from simulations.simulate import stop_processes
+
+            stop_processes(home)
+
+    def leftovers(self) -> list[int]:
+        return sorted({pid for h in self.homes for pid in started_processes(h)})
+
+
+@pytest.fixture
+def topology(tmp_path):
+    topo = Topology(tmp_path)
+    try:
+        yield topo
+    finally:
+        topo.stop()
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tmp_path):
+    # Prepare: certificates (plus a key nobody registers), each site's data in its own folder
+    certs = tmp_path / "certs"
+    deploy.make_certs(certs, [*SITES, "rogue"])
+    data = {
+        p.parent.name: p
+        for p in deploy.demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")
+    }
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    sl_certs = str(certs / "superlink")
+    topology.start(
+        "superlink", deploy.superlink_argv(sl_certs, "127.0.0.1", port, str(tmp_path / "state.db"))
+    )
+    deploy.wait_tls(superlink, certs / "superlink" / "ca.crt", 60)
+    topology.start("serverapp", deploy.serverapp_executor_argv(sl_certs, superlink))
+    cli_env = topology.env("cli")
+    (Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
+        deploy.connection_toml(superlink, str(certs / "superlink" / "ca.crt"))
+    )
+    keys = {s: certs / "superlink" / "supernodes" / f"{s}.pub" for s in SITES}
+    assert set(deploy.register_keys(keys, cli_env)) == set(SITES)
+    for site, role in SITES.items():
+        rport, sc = _free_port(), str(certs / "sites" / site)
+        nc = deploy.node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site))
+        topology.start(
+            f"supernode-{site}", deploy.supernode_argv(sc, superlink, "127.0.0.1", rport, nc)
+        )
+        topology.start(
+            f"clientapp-{site}", deploy.clientapp_executor_argv(sc, f"127.0.0.1:{rport}")
+        )
+    for site in SITES:
+        _wait_for(
+            lambda s=site: "SuperNode ID" in topology.log(f"supernode-{s}"),
+            60,
+            f"{site} did not connect",
+        )
+
+    # Execute + Assert 1: a SuperNode whose key was never registered is refused
+    rogue = topology.run("rogue", deploy.supernode_argv(
+        str(certs / "sites" / "rogue"), superlink, "127.0.0.1", _free_port(),
+        deploy.node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue")), max_retries=1,
+    ))  # fmt: skip
+    assert rogue.returncode != 0 and "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
+    assert "No SuperNode found with the given public key" in topology.log("superlink")
+    # Execute + Assert 2: a plaintext client cannot talk to the TLS SuperLink
+    plain = topology.run("plain", ["flower-supernode", "--insecure", "--superlink", superlink,
+                                   "--isolation", "process", "--port", str(_free_port()),
+                                   "--max-retries", "1", "--max-wait-time", "10"])  # fmt: skip
+    assert (
+        plain.returncode != 0 and "could not establish a connection" in plain.stdout + plain.stderr
+    )
+
+    # Execute 3: the tiny study through flwr run, status from flwr ls (keys already registered)
+    t0 = time.monotonic()
+    entry = deploy.launch(
+        superlink, certs / "superlink" / "ca.crt", keys,
+        f'run-dir="{tmp_path / "results"}" node-wait=60 experiment="{ROOT / "configs" / "tiny.yaml"}"',
+        cli_env, timeout=540, say=lambda s: print(s, flush=True),
+    )  # fmt: skip
+    print(f"deployment run: {time.monotonic() - t0:.0f} s")
+    # Assert 3
+    assert entry["status"] == "finished:completed", (entry, topology.log("serverapp")[-3000:])
+    assert (tmp_path / "results" / "report.md").is_file()
+    assert (tmp_path / "outputs" / "telemed").is_dir()  # site-local artifacts stayed at the site
+    topology.stop()
+    assert topology.leftovers() == []
