@@ -147,8 +147,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         for n in names:
             g = results["gap_closed"][n]
             ev = results["evaluation"][n]
-            lines.append(f"- {n}: {ev['num_examples']} test images; share of the lower→upper gap closed "
-                         f"by ours: DSC {_pct(g['dice'])}, IoU {_pct(g['iou'])}")
+            # the bounds bracket the target domain only (the "upper" model is target-trained)
+            gap = (f"; share of the lower→upper gap closed by ours: DSC {_pct(g['dice'])}, "
+                   f"IoU {_pct(g['iou'])}") if role == p.TARGET else ""
+            lines.append(f"- {n}: {ev['num_examples']} test images in "
+                         f"{len(next(iter(ev['per_video'].values()), []))} videos{gap}")
         lines += ["", "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
                   "frames of one video are correlated):", "",
                   "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
