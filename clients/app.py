@@ -30,14 +30,18 @@ def query_site(msg: Message, context: Context) -> Message:
 def train_pretrain(msg: Message, context: Context) -> Message:
     req = p.unpack_request(msg.content)
     res = target.pretrain(req, resolve_site(context))
-    return Message(p.pack_weights_reply(p.ENCODER, res.state, res.metrics, res.num_examples), reply_to=msg)
+    return Message(
+        p.pack_weights_reply(p.ENCODER, res.state, res.metrics, res.num_examples), reply_to=msg
+    )
 
 
 @app.train(p.action(p.TRAIN_FINETUNE))
 def train_finetune(msg: Message, context: Context) -> Message:
     req = p.unpack_request(msg.content)
     res = source.finetune(req, resolve_site(context))
-    return Message(p.pack_weights_reply(p.MODEL, res.state, res.metrics, res.num_examples), reply_to=msg)
+    return Message(
+        p.pack_weights_reply(p.MODEL, res.state, res.metrics, res.num_examples), reply_to=msg
+    )
 
 
 @app.evaluate(p.action(p.EVALUATE_SEGMENT))

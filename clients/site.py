@@ -34,7 +34,9 @@ class LocalSite:
     out_dir: Path  # site-local artifacts: checkpoints, weight maps, overlays
 
 
-def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] | None = None) -> LocalSite:
+def resolve_site(
+    context: Context, federation: list[tuple[str, str, str, str]] | None = None
+) -> LocalSite:
     """Resolve (and remember in ``context.state``) this node's site.
 
     Raises:
@@ -47,7 +49,9 @@ def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] |
         role = str(nc.get("role", ""))
         # default beside FLWR_HOME (writable by the node), never beside the data: that is often
         # mounted read-only
-        default_out = Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "crossprobe-outputs"
+        default_out = (
+            Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "crossprobe-outputs"
+        )
         out = Path(str(nc.get("out-dir", default_out / name))) / f"run-{context.run_id}"
     elif "partition-id" in nc and federation:  # simulation: the experiment's sites[partition-id]
         pid = int(nc["partition-id"])
@@ -65,7 +69,7 @@ def resolve_site(context: Context, federation: list[tuple[str, str, str, str]] |
     else:
         raise SiteSetupError(
             "this SuperNode does not know its site: start it with "
-            "--node-config 'site=\"NAME\" role=\"source|target\" data-dir=\"/path\"'"
+            '--node-config \'site="NAME" role="source|target" data-dir="/path"\''
         )
     if role not in protocol.ROLES:
         raise SiteSetupError(f"site {name!r}: role must be one of {protocol.ROLES} (got {role!r})")

@@ -174,7 +174,9 @@ class SynthConfig(_Frozen):
     mask: Literal["band", "full"] = "band"  # label a band below the bone surface, or all below it
     band_mm: float = Field(2.0, gt=0)  # depth of the labeled band (mask: band)
     label_every: int = Field(8, ge=1)  # target sites: every n-th frame of a video is labeled
-    target_train_labels: bool = True  # target: sparse labels on train too (upper bound; SSL ignores)
+    target_train_labels: bool = (
+        True  # target: sparse labels on train too (upper bound; SSL ignores)
+    )
     val_fraction: float = Field(0.16, ge=0, lt=1)  # patient split; train gets the rest
     test_fraction: float = Field(0.16, ge=0, lt=1)
 

@@ -125,16 +125,24 @@ def _pct(x: float | None) -> str:
 def render_markdown(results: dict[str, Any]) -> str:
     """The paper-style report (Tables 3/4) plus per-phase timings and bytes."""
     methods, _ours, labels = results["methods"], results["ours"], results["labels"]
-    lines = [f"# crossprobe — {results['experiment']}", "",
-             f"{results['created']} · rounds per phase: {results['rounds']} · sites: "
-             + ", ".join(f"{n} ({s['role']})" for n, s in results["sites"].items()), ""]
+    lines = [
+        f"# crossprobe — {results['experiment']}",
+        "",
+        f"{results['created']} · rounds per phase: {results['rounds']} · sites: "
+        + ", ".join(f"{n} ({s['role']})" for n, s in results["sites"].items()),
+        "",
+    ]
     for role, title in ((p.TARGET, "Target test set"), (p.SOURCE, "Source test set")):
         names = [n for n, ev in results["evaluation"].items() if ev["role"] == role]
         if not names:
             continue
-        lines += [f"## {title}", "",
-                  "Mean per image; stars: paired two-sided Wilcoxon vs ours on the same images "
-                  "(*** p < 0.001, ** p < 0.01, * p < 0.05).", ""]
+        lines += [
+            f"## {title}",
+            "",
+            "Mean per image; stars: paired two-sided Wilcoxon vs ours on the same images "
+            "(*** p < 0.001, ** p < 0.01, * p < 0.05).",
+            "",
+        ]
         head = "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |"
         lines += [head, "|---" * (1 + 2 * len(names)) + "|"]
         for m in methods:
@@ -148,28 +156,51 @@ def render_markdown(results: dict[str, Any]) -> str:
             g = results["gap_closed"][n]
             ev = results["evaluation"][n]
             # the bounds bracket the target domain only (the "upper" model is target-trained)
-            gap = (f"; share of the lower→upper gap closed by ours: DSC {_pct(g['dice'])}, "
-                   f"IoU {_pct(g['iou'])}") if role == p.TARGET else ""
-            lines.append(f"- {n}: {ev['num_examples']} test images in "
-                         f"{len(next(iter(ev['per_video'].values()), []))} videos{gap}")
-        lines += ["", "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
-                  "frames of one video are correlated):", "",
-                  "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
-                  "|---" * (1 + 2 * len(names)) + "|"]
+            gap = (
+                (
+                    f"; share of the lower→upper gap closed by ours: DSC {_pct(g['dice'])}, "
+                    f"IoU {_pct(g['iou'])}"
+                )
+                if role == p.TARGET
+                else ""
+            )
+            lines.append(
+                f"- {n}: {ev['num_examples']} test images in "
+                f"{len(next(iter(ev['per_video'].values()), []))} videos{gap}"
+            )
+        lines += [
+            "",
+            "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
+            "frames of one video are correlated):",
+            "",
+            "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
+            "|---" * (1 + 2 * len(names)) + "|",
+        ]
         for m in methods:
             rows = [results["tables"][n].get(m) for n in names]
             if any(rows):
-                cells = " | ".join(f"{_cell(r, 'dice', True)} | {_cell(r, 'iou', True)}" for r in rows)
+                cells = " | ".join(
+                    f"{_cell(r, 'dice', True)} | {_cell(r, 'iou', True)}" for r in rows
+                )
                 lines.append(f"| {labels[m]} | {cells} |")
         lines.append("")
-    lines += ["## Phases", "", "| phase | seconds | sent | received | messages | resumed |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "## Phases",
+        "",
+        "| phase | seconds | sent | received | messages | resumed |",
+        "|---|---|---|---|---|---|",
+    ]
     for ph in results["phases"]:
-        lines.append(f"| {ph['phase']} | {ph['seconds']:.1f} | {ph['bytes_sent'] / 2**20:.2f} MB | "
-                     f"{ph['bytes_received'] / 2**20:.2f} MB | {ph['messages']} | {'yes' if ph['resumed'] else ''} |")
+        lines.append(
+            f"| {ph['phase']} | {ph['seconds']:.1f} | {ph['bytes_sent'] / 2**20:.2f} MB | "
+            f"{ph['bytes_received'] / 2**20:.2f} MB | {ph['messages']} | {'yes' if ph['resumed'] else ''} |"
+        )
     averaged = [r for ph in results["phases"] for r in ph.get("rounds", []) if r.get("averaged")]
     if averaged:
         lines += ["", "Federated averaging (by example count):", ""]
-        lines += [f"- {r['key']} round {r['round']}: {', '.join(r['sites'])} ({r['num_examples']})" for r in averaged]
+        lines += [
+            f"- {r['key']} round {r['round']}: {', '.join(r['sites'])} ({r['num_examples']})"
+            for r in averaged
+        ]
     lines.append("")
     return "\n".join(lines)

@@ -76,7 +76,9 @@ class RunStore:
         try:
             index = json.loads(self._index_path.read_text())
         except json.JSONDecodeError as err:
-            raise RunDirError(f"{self._index_path}: damaged ({err}); delete the run folder") from None
+            raise RunDirError(
+                f"{self._index_path}: damaged ({err}); delete the run folder"
+            ) from None
         if index.get("fingerprint") != self.fp:
             raise RunDirError(
                 f"{self.run_dir} holds a run of a different experiment or run settings "
@@ -115,7 +117,10 @@ class RunStore:
 
     def load_weights(self, phase: str) -> dict[str, dict[str, torch.Tensor]]:
         d = self.phase_dir(phase)
-        return {p.name.removesuffix(".safetensors"): load_file(str(p)) for p in sorted(d.glob("*.safetensors"))}
+        return {
+            p.name.removesuffix(".safetensors"): load_file(str(p))
+            for p in sorted(d.glob("*.safetensors"))
+        }
 
     def load_metrics(self, phase: str) -> dict[str, Any]:
         return json.loads((self.phase_dir(phase) / "metrics.json").read_text())

@@ -27,7 +27,13 @@ from common.fl import protocol as p
 from server import report
 from server.store import RunStore, atomic_write_json, atomic_write_text, fingerprint
 
-DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT = "discover", "pretrain", "finetune", "evaluate", "report"
+DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT = (
+    "discover",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "report",
+)
 PHASES = (DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT)
 
 
@@ -123,12 +129,26 @@ class Workflow:
     def by_role(self, role: str) -> list[Site]:
         return [s for s in self.sites.values() if s.role == role]
 
-    def _log_message(self, phase: str, direction: str, msg: Message, site: Site | None, records, **extra) -> None:
-        self.ledger.append(audit.message_entry(
-            audit.SERVER, direction, msg, records, run_id=self.run_id, site=site.name if site else "",
-            role=site.role if site else "", phase=phase, **extra))
+    def _log_message(
+        self, phase: str, direction: str, msg: Message, site: Site | None, records, **extra
+    ) -> None:
+        self.ledger.append(
+            audit.message_entry(
+                audit.SERVER,
+                direction,
+                msg,
+                records,
+                run_id=self.run_id,
+                site=site.name if site else "",
+                role=site.role if site else "",
+                phase=phase,
+                **extra,
+            )
+        )
 
-    def _receive(self, phase: str, where: str, reply: Message, site: Site, max_list: int | None = None) -> None:
+    def _receive(
+        self, phase: str, where: str, reply: Message, site: Site, max_list: int | None = None
+    ) -> None:
         """Log a reply in the server ledger and apply the same contract check as the site's guard.
 
         Raises:
@@ -139,13 +159,17 @@ class Workflow:
             self._log_message(phase, "in", reply, site, records, error=reply.error.reason)
             raise WorkflowError(f"{where}: {reply.error.reason}")
         try:
-            audit.check("reply", reply.metadata.message_type, site.role, records, self.cfg, max_list)
+            audit.check(
+                "reply", reply.metadata.message_type, site.role, records, self.cfg, max_list
+            )
         except audit.ContractViolation as err:
             self._log_message(phase, "in", reply, site, records, refused=str(err))
             raise WorkflowError(f"{where}: refused reply: {err}") from None
         self._log_message(phase, "in", reply, site, records)
 
-    def _round(self, phase: str, rnd: int, jobs: list[Job], timeout: float) -> dict[str, list[tuple[Site, RecordDict]]]:
+    def _round(
+        self, phase: str, rnd: int, jobs: list[Job], timeout: float
+    ) -> dict[str, list[tuple[Site, RecordDict]]]:
         """Send all jobs in one ``send_and_receive``; return replies grouped by job key.
 
         Raises:
@@ -160,8 +184,13 @@ class Workflow:
             group = f"{phase}/{job.key}/{job.site.name}/r{rnd}"
             groups[(job.site.node_id, group)] = job
             plog.bytes_sent += p.record_bytes(job.content)
-            msg = Message(job.content, dst_node_id=job.site.node_id, message_type=job.message_type,
-                          group_id=group, ttl=timeout + 60)
+            msg = Message(
+                job.content,
+                dst_node_id=job.site.node_id,
+                message_type=job.message_type,
+                group_id=group,
+                ttl=timeout + 60,
+            )
             self._log_message(phase, "out", msg, job.site, audit.describe(job.content))
             messages.append(msg)
         names = ", ".join(sorted({f"{j.site.name}:{j.key}" for j in jobs}))
@@ -185,24 +214,36 @@ class Workflow:
             )
         dt = time.monotonic() - t
         plog.messages += len(messages)
-        self.log(f"{phase} round {rnd} done in {dt:.1f} s (sent {_mb(plog.bytes_sent)}, received {_mb(plog.bytes_received)} so far)")
+        self.log(
+            f"{phase} round {rnd} done in {dt:.1f} s (sent {_mb(plog.bytes_sent)}, received {_mb(plog.bytes_received)} so far)"
+        )
         return out
 
     def _rounds(self, phase: str) -> int:
         return self.cfg.rounds if phase in (PRETRAIN, FINETUNE) else 1
 
-    def _average(self, phase: str, rnd: int, key: str, replies: list[tuple[Site, RecordDict]], record: str) -> ArrayRecord:
+    def _average(
+        self, phase: str, rnd: int, key: str, replies: list[tuple[Site, RecordDict]], record: str
+    ) -> ArrayRecord:
         """Example-weighted average of same-role sites' weights (identity for one site)."""
         # each reply was checked against the model's own schema when it arrived (_receive)
         counts = [int(c.metric_records[p.METRICS][p.NUM_EXAMPLES]) for _, c in replies]
-        info = {"key": key, "round": rnd, "sites": [s.name for s, _ in replies], "num_examples": counts,
-                "averaged": len(replies) > 1}
+        info = {
+            "key": key,
+            "round": rnd,
+            "sites": [s.name for s, _ in replies],
+            "num_examples": counts,
+            "averaged": len(replies) > 1,
+        }
         self.phase_logs[phase].rounds.append(info)
         if len(replies) == 1:
             return replies[0][1].array_records[record]
         if sum(counts) <= 0:
             raise WorkflowError(f"phase {phase!r} ({key}, round {rnd}): sites reported 0 examples")
-        only = [RecordDict({p.METRICS: c.metric_records[p.METRICS], record: c.array_records[record]}) for _, c in replies]
+        only = [
+            RecordDict({p.METRICS: c.metric_records[p.METRICS], record: c.array_records[record]})
+            for _, c in replies
+        ]
         avg = aggregate_arrayrecords(only, p.NUM_EXAMPLES)
         first = replies[0][1].array_records[record]
         # Keep each tensor's dtype (integer buffers such as BatchNorm's counters come back as floats).
@@ -227,21 +268,39 @@ class Workflow:
                 )
             time.sleep(0.5)
         self.log(f"discover: {len(nodes)} node(s)")
-        table = [(s.name, s.role, str(self._data_dir(s)), str(self.s.run_dir / "sites" / s.name))
-                 for s in self.cfg.sites]
+        table = [
+            (s.name, s.role, str(self._data_dir(s)), str(self.s.run_dir / "sites" / s.name))
+            for s in self.cfg.sites
+        ]
         content = p.pack_query(table)
         plog = self.phase_logs.setdefault(DISCOVER, PhaseLog())
         t = time.monotonic()
-        msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=p.QUERY_SITE, group_id=DISCOVER)
-                for n in nodes]
+        msgs = [
+            Message(
+                RecordDict(dict(content)),
+                dst_node_id=n,
+                message_type=p.QUERY_SITE,
+                group_id=DISCOVER,
+            )
+            for n in nodes
+        ]
         for msg in msgs:
             self._log_message(DISCOVER, "out", msg, None, audit.describe(msg.content))
         plog.bytes_sent += p.record_bytes(content) * len(nodes)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.s.timeout_query))
         answered = {r.metadata.src_node_id for r in replies}
         for r in replies:
-            card = p.unpack_site_card(r.content) if r.has_content() and p.SITE_CARD in r.content else {}
-            site = Site(r.metadata.src_node_id, str(card.get(p.K_NAME, "")), str(card.get(p.K_ROLE, "")), card)
+            card = (
+                p.unpack_site_card(r.content)
+                if r.has_content() and p.SITE_CARD in r.content
+                else {}
+            )
+            site = Site(
+                r.metadata.src_node_id,
+                str(card.get(p.K_NAME, "")),
+                str(card.get(p.K_ROLE, "")),
+                card,
+            )
             where = f"node {r.metadata.src_node_id} failed in phase 'discover' (query.site)"
             self._receive(DISCOVER, where, r, site)
             plog.bytes_received += p.record_bytes(r.content)
@@ -249,16 +308,24 @@ class Workflow:
                 raise WorkflowError(f"phase 'discover': two nodes claim to be site {site.name!r}")
             self.sites[site.name] = site
         if silent := sorted(set(nodes) - answered):
-            raise WorkflowError(f"phase 'discover': node(s) {silent} did not answer query.site within {self.s.timeout_query:.0f} s")
+            raise WorkflowError(
+                f"phase 'discover': node(s) {silent} did not answer query.site within {self.s.timeout_query:.0f} s"
+            )
         configured = {s.name: s.role for s in self.cfg.sites}
         for site in self.sites.values():
             if configured and configured.get(site.name, site.role) != site.role:
-                raise WorkflowError(f"site {site.name!r} says role {site.role!r}, the experiment says {configured[site.name]!r}")
-            self.log(f"discover: site {site.name!r} role {site.role} (node {site.node_id}), counts {site.card.get('counts', {})}")
+                raise WorkflowError(
+                    f"site {site.name!r} says role {site.role!r}, the experiment says {configured[site.name]!r}"
+                )
+            self.log(
+                f"discover: site {site.name!r} role {site.role} (node {site.node_id}), counts {site.card.get('counts', {})}"
+            )
         if not self.by_role(p.TARGET):
             raise WorkflowError("phase 'discover': no target site connected")
         if not any(s.labeled("train") for s in self.by_role(p.SOURCE)):
-            raise WorkflowError("phase 'discover': no source site with labeled train frames connected")
+            raise WorkflowError(
+                "phase 'discover': no source site with labeled train frames connected"
+            )
         plog.seconds = time.monotonic() - t
 
     def _data_dir(self, site_cfg) -> Path:
@@ -270,13 +337,22 @@ class Workflow:
         targets = self.by_role(p.TARGET)
         for rnd in range(1, self.cfg.rounds + 1):
             jobs = [
-                Job(site, p.TRAIN_PRETRAIN, branch,
-                    p.pack_request(self.cfg, PRETRAIN, rnd, branch=branch, encoder=encoders.get(branch)))
-                for branch in self.branches for site in targets
+                Job(
+                    site,
+                    p.TRAIN_PRETRAIN,
+                    branch,
+                    p.pack_request(
+                        self.cfg, PRETRAIN, rnd, branch=branch, encoder=encoders.get(branch)
+                    ),
+                )
+                for branch in self.branches
+                for site in targets
             ]
             replies = self._round(PRETRAIN, rnd, jobs, self.s.timeout_train)
             self._collect_metrics(PRETRAIN, rnd, replies)
-            encoders = {b: self._average(PRETRAIN, rnd, b, replies[b], p.ENCODER) for b in self.branches}
+            encoders = {
+                b: self._average(PRETRAIN, rnd, b, replies[b], p.ENCODER) for b in self.branches
+            }
         return encoders
 
     def finetune(self, encoders: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
@@ -292,14 +368,38 @@ class Workflow:
             for arm, enc in arms.items():
                 for site in sources:
                     init = models.get(arm)
-                    jobs.append(Job(site, p.TRAIN_FINETUNE, arm, p.pack_request(
-                        self.cfg, FINETUNE, rnd, arm=arm, encoder=enc if init is None else None, model=init)))
+                    jobs.append(
+                        Job(
+                            site,
+                            p.TRAIN_FINETUNE,
+                            arm,
+                            p.pack_request(
+                                self.cfg,
+                                FINETUNE,
+                                rnd,
+                                arm=arm,
+                                encoder=enc if init is None else None,
+                                model=init,
+                            ),
+                        )
+                    )
             for site in uppers:
-                jobs.append(Job(site, p.TRAIN_FINETUNE, p.UPPER, p.pack_request(
-                    self.cfg, FINETUNE, rnd, arm=p.UPPER, model=models.get(p.UPPER))))
+                jobs.append(
+                    Job(
+                        site,
+                        p.TRAIN_FINETUNE,
+                        p.UPPER,
+                        p.pack_request(
+                            self.cfg, FINETUNE, rnd, arm=p.UPPER, model=models.get(p.UPPER)
+                        ),
+                    )
+                )
             replies = self._round(FINETUNE, rnd, jobs, self.s.timeout_train)
             self._collect_metrics(FINETUNE, rnd, replies)
-            models = {arm: self._average(FINETUNE, rnd, arm, reps, p.MODEL) for arm, reps in replies.items()}
+            models = {
+                arm: self._average(FINETUNE, rnd, arm, reps, p.MODEL)
+                for arm, reps in replies.items()
+            }
         return models
 
     def evaluate(self, models: dict[str, ArrayRecord]) -> dict[str, Any]:
@@ -309,9 +409,15 @@ class Workflow:
         sites = [s for s in self.sites.values() if s.labeled("test")]
         if not sites:
             raise WorkflowError("phase 'evaluate': no site has labeled test frames")
-        jobs = [Job(site, p.EVALUATE_SEGMENT, site.name,
-                    p.pack_request(self.cfg, EVALUATE, 1, split="test", models=models, fusions=fusions))
-                for site in sites]
+        jobs = [
+            Job(
+                site,
+                p.EVALUATE_SEGMENT,
+                site.name,
+                p.pack_request(self.cfg, EVALUATE, 1, split="test", models=models, fusions=fusions),
+            )
+            for site in sites
+        ]
         replies = self._round(EVALUATE, 1, jobs, self.s.timeout_evaluate)
         out = {}
         for name, [(site, content)] in replies.items():
@@ -321,24 +427,38 @@ class Workflow:
                 "num_examples": int(metrics.pop(p.NUM_EXAMPLES)),
                 "metrics": metrics,
                 "per_image": {k: list(v) for k, v in content.metric_records[p.SCORES].items()},
-                "per_video": {k: list(v) for k, v in content.metric_records[p.VIDEO_SCORES].items()},
+                "per_video": {
+                    k: list(v) for k, v in content.metric_records[p.VIDEO_SCORES].items()
+                },
             }
         return out
 
-    def _collect_metrics(self, phase: str, rnd: int, replies: dict[str, list[tuple[Site, RecordDict]]]) -> None:
+    def _collect_metrics(
+        self, phase: str, rnd: int, replies: dict[str, list[tuple[Site, RecordDict]]]
+    ) -> None:
         bucket = self._metrics.setdefault(phase, {})
         for key, reps in replies.items():
             for site, content in reps:
-                bucket.setdefault(key, {}).setdefault(f"round-{rnd}", {})[site.name] = dict(content.metric_records[p.METRICS])
+                bucket.setdefault(key, {}).setdefault(f"round-{rnd}", {})[site.name] = dict(
+                    content.metric_records[p.METRICS]
+                )
 
     # ---------------------------------------------------------------- driver
-    def _run_phase(self, phase: str, fn: Callable[[], Any], weights_of: Callable[[Any], dict] | None) -> Any:
+    def _run_phase(
+        self, phase: str, fn: Callable[[], Any], weights_of: Callable[[Any], dict] | None
+    ) -> Any:
         """Run ``fn`` unless the store has the phase; persist its outputs when it completes."""
         if self.store.is_done(phase):
             self.log(f"{phase}: already completed in {self.s.run_dir} — reusing its outputs")
             self.resumed.add(phase)
             rec = self.store.record(phase)
-            self.phase_logs[phase] = PhaseLog(rec["seconds"], rec["bytes_sent"], rec["bytes_received"], rec["messages"], rec["rounds"])
+            self.phase_logs[phase] = PhaseLog(
+                rec["seconds"],
+                rec["bytes_sent"],
+                rec["bytes_received"],
+                rec["messages"],
+                rec["rounds"],
+            )
             self._metrics[phase] = self.store.load_metrics(phase).get("sites", {})
             if weights_of is None:
                 return self.store.load_metrics(phase)["result"]
@@ -348,16 +468,29 @@ class Workflow:
         result = fn()
         plog = self.phase_logs.setdefault(phase, PhaseLog())
         plog.seconds = time.monotonic() - t
-        weights = {k: dict(v.to_torch_state_dict()) for k, v in (weights_of(result) if weights_of else {}).items()}
+        weights = {
+            k: dict(v.to_torch_state_dict())
+            for k, v in (weights_of(result) if weights_of else {}).items()
+        }
         metrics = {"sites": self._metrics.get(phase, {})}
         if weights_of is None:
             metrics["result"] = result
-        self.store.save_phase(phase, weights, metrics, {
-            "seconds": plog.seconds, "bytes_sent": plog.bytes_sent, "bytes_received": plog.bytes_received,
-            "messages": plog.messages, "rounds": plog.rounds,
-        })
-        self.log(f"phase {phase}: done in {plog.seconds:.1f} s "
-                 f"(sent {_mb(plog.bytes_sent)}, received {_mb(plog.bytes_received)})")
+        self.store.save_phase(
+            phase,
+            weights,
+            metrics,
+            {
+                "seconds": plog.seconds,
+                "bytes_sent": plog.bytes_sent,
+                "bytes_received": plog.bytes_received,
+                "messages": plog.messages,
+                "rounds": plog.rounds,
+            },
+        )
+        self.log(
+            f"phase {phase}: done in {plog.seconds:.1f} s "
+            f"(sent {_mb(plog.bytes_sent)}, received {_mb(plog.bytes_received)})"
+        )
         return result
 
     def run(self) -> dict[str, Any]:
@@ -372,10 +505,19 @@ class Workflow:
         run_dir = self.s.run_dir
         atomic_write_text(run_dir / "config.yaml", dump_experiment(self.cfg))
         run = getattr(self.grid, "run", None)
-        self.ledger.append({"event": "run", "time": audit.now(), "run_id": self.run_id, "party": audit.SERVER,
-                            "experiment": self.cfg.name, "fab_id": getattr(run, "fab_id", ""),
-                            "fab_version": getattr(run, "fab_version", ""), "fab_hash": getattr(run, "fab_hash", ""),
-                            "code": audit.code_digest()})
+        self.ledger.append(
+            {
+                "event": "run",
+                "time": audit.now(),
+                "run_id": self.run_id,
+                "party": audit.SERVER,
+                "experiment": self.cfg.name,
+                "fab_id": getattr(run, "fab_id", ""),
+                "fab_version": getattr(run, "fab_version", ""),
+                "fab_hash": getattr(run, "fab_hash", ""),
+                "code": audit.code_digest(),
+            }
+        )
         done = self.store.completed()
         if done:
             self.log(f"resuming {run_dir}: completed phases {done}")
@@ -387,29 +529,41 @@ class Workflow:
             models = self._run_phase(FINETUNE, lambda: self.finetune(encoders), lambda r: r)
             evaluation = self._run_phase(EVALUATE, lambda: self.evaluate(models), None)
             self.log("phase report: start")
-            results = report.build_results(self.cfg, self.sites_summary(), evaluation, self.phase_summary(),
-                                           self._metrics)
+            results = report.build_results(
+                self.cfg, self.sites_summary(), evaluation, self.phase_summary(), self._metrics
+            )
             atomic_write_json(run_dir / "results.json", results)
             atomic_write_text(run_dir / "report.md", report.render_markdown(results))
             (run_dir / "FAILED.json").unlink(missing_ok=True)
             self.log(f"report: {run_dir / 'report.md'}")
             return results
         except WorkflowError as err:
-            atomic_write_json(run_dir / "FAILED.json", {"error": str(err), "completed": self.store.completed()})
+            atomic_write_json(
+                run_dir / "FAILED.json", {"error": str(err), "completed": self.store.completed()}
+            )
             self.log(f"FAILED: {err}")
             raise
 
     def sites_summary(self) -> dict[str, Any]:
-        return {s.name: {"role": s.role, "counts": s.card.get("counts", {})} for s in self.sites.values()}
+        return {
+            s.name: {"role": s.role, "counts": s.card.get("counts", {})}
+            for s in self.sites.values()
+        }
 
     def phase_summary(self) -> list[dict[str, Any]]:
         out = []
         for phase in PHASES[:-1]:
             if phase in self.phase_logs:
                 pl = self.phase_logs[phase]
-                out.append({"phase": phase, "seconds": round(pl.seconds, 3), "bytes_sent": pl.bytes_sent,
-                            "bytes_received": pl.bytes_received, "messages": pl.messages,
-                            "resumed": phase in self.resumed,
-                            "rounds": pl.rounds})
+                out.append(
+                    {
+                        "phase": phase,
+                        "seconds": round(pl.seconds, 3),
+                        "bytes_sent": pl.bytes_sent,
+                        "bytes_received": pl.bytes_received,
+                        "messages": pl.messages,
+                        "resumed": phase in self.resumed,
+                        "rounds": pl.rounds,
+                    }
+                )
         return out
-

@@ -80,7 +80,9 @@ class InProcessGrid(Grid):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -91,7 +93,11 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             copy, size = wire(msg)
             self._inbox[msg.metadata.message_id] = copy
-            self.log.append(Sent(msg.metadata.message_type, msg.metadata.dst_node_id, msg.metadata.group_id, size))
+            self.log.append(
+                Sent(
+                    msg.metadata.message_type, msg.metadata.dst_node_id, msg.metadata.group_id, size
+                )
+            )
             ids.append(msg.metadata.message_id)
         return ids
 
@@ -102,7 +108,9 @@ class InProcessGrid(Grid):
         except Exception as ex:  # as the runtime does: an exception becomes an error reply
             traceback.print_exc()
             reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+            )
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
@@ -113,15 +121,20 @@ class InProcessGrid(Grid):
             reply = self._handle(msg)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             copy, size = wire(reply)
-            sent = next(s for s in reversed(self.log) if s.group_id == msg.metadata.group_id
-                        and s.dst_node_id == msg.metadata.dst_node_id)
+            sent = next(
+                s
+                for s in reversed(self.log)
+                if s.group_id == msg.metadata.group_id and s.dst_node_id == msg.metadata.dst_node_id
+            )
             sent.bytes_in = size
             sent.error = reply.error.reason if reply.has_error() else ""
             sent.records_in = tuple(reply.content.keys()) if reply.has_content() else ()
             replies.append(copy)
         return replies
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
 
 

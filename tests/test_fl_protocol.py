@@ -52,7 +52,9 @@ def test_record_of_the_wrong_kind_is_refused():
 def test_pretrain_request_may_not_go_to_a_source_site():
     cfg = load_experiment("configs/tiny.yaml")
     with pytest.raises(p.ProtocolError, match="source"):
-        p.check_request(p.TRAIN_PRETRAIN, p.SOURCE, p.pack_request(cfg, "pretrain", 1, branch=p.SIMMIM))
+        p.check_request(
+            p.TRAIN_PRETRAIN, p.SOURCE, p.pack_request(cfg, "pretrain", 1, branch=p.SIMMIM)
+        )
 
 
 def test_request_survives_flowers_serialisation(flower_identity):

@@ -27,11 +27,18 @@ from server.workflow import PhaseLog, Settings, Workflow, WorkflowError
 from tests.fl_harness import InProcessGrid, run_server
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
-TARGET2 = SiteConfig(name="telemed2", role="target",
-                     synth=SynthConfig(preset="target", patients=6, videos_per_patient=1, frames_per_video=8, seed=3))
+TARGET2 = SiteConfig(
+    name="telemed2",
+    role="target",
+    synth=SynthConfig(
+        preset="target", patients=6, videos_per_patient=1, frames_per_video=8, seed=3
+    ),
+)
 
 
-def _experiment(tmp: Path, name: str, rounds: int = 1, extra_target: bool = False) -> tuple[Path, ExperimentConfig]:
+def _experiment(
+    tmp: Path, name: str, rounds: int = 1, extra_target: bool = False
+) -> tuple[Path, ExperimentConfig]:
     cfg = load_experiment("configs/tiny.yaml", overrides=STEPS)
     sites = (*cfg.sites, TARGET2) if extra_target else cfg.sites
     cfg = cfg.model_copy(update={"name": name, "rounds": rounds, "sites": sites})
@@ -53,9 +60,17 @@ def sites_root(tmp_path_factory) -> Path:
 
 
 def _grid(exp: Path, run_dir: Path, sites_root: Path, n: int, **rc) -> InProcessGrid:
-    run_config = {"experiment": str(exp), "run-dir": str(run_dir), "sites-root": str(sites_root),
-                  "timeout-query": 10, "timeout-train": 60, "timeout-evaluate": 60, "node-wait": 1,
-                  "min-nodes": 0, **rc}
+    run_config = {
+        "experiment": str(exp),
+        "run-dir": str(run_dir),
+        "sites-root": str(sites_root),
+        "timeout-query": 10,
+        "timeout-train": 60,
+        "timeout-evaluate": 60,
+        "node-wait": 1,
+        "min-nodes": 0,
+        **rc,
+    }
     nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
     return InProcessGrid(client_app, nodes, run_config)
 
@@ -74,7 +89,9 @@ def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identit
     types = _types(grid)
     assert types.count(p.QUERY_SITE) == 2
     assert types.count(p.TRAIN_PRETRAIN) == 2  # SimMIM + MT-NXent at the one target
-    assert types.count(p.TRAIN_FINETUNE) == 4  # simmim, mtnxent, lower at the source; upper at the target
+    assert (
+        types.count(p.TRAIN_FINETUNE) == 4
+    )  # simmim, mtnxent, lower at the source; upper at the target
     assert types.count(p.EVALUATE_SEGMENT) == 2  # both sites have labeled test frames
     assert not [s.error for s in grid.log if s.error]
     # nothing but weights, scalars and score vectors came back
@@ -86,7 +103,12 @@ def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identit
         assert results["labels"][method] in report
         assert method in results["tables"]["telemed"] and method in results["tables"]["lumify"]
     assert "Target test set" in report and "Source test set" in report and "gap closed" in report
-    assert [ph["phase"] for ph in results["phases"]] == ["discover", "pretrain", "finetune", "evaluate"]
+    assert [ph["phase"] for ph in results["phases"]] == [
+        "discover",
+        "pretrain",
+        "finetune",
+        "evaluate",
+    ]
     assert all(ph["bytes_received"] > 0 for ph in results["phases"])
     # site-local artifacts stay in each site's own folder
     assert any((tmp_path / "run" / "sites" / "telemed").glob("pretrain-simmim-r1/*"))
@@ -102,11 +124,15 @@ def test_two_targets_average_each_round(tmp_path, sites_root, flower_identity):
     # Assert
     types = _types(grid)
     assert types.count(p.TRAIN_PRETRAIN) == 2 * 2 * 2  # rounds × branches × targets
-    assert types.count(p.TRAIN_FINETUNE) == 2 * (3 + 2)  # rounds × (3 arms at the source + upper at 2 targets)
+    assert types.count(p.TRAIN_FINETUNE) == 2 * (
+        3 + 2
+    )  # rounds × (3 arms at the source + upper at 2 targets)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rounds = {ph["phase"]: ph["rounds"] for ph in results["phases"]}
     pre = [r for r in rounds["pretrain"] if r["averaged"]]
-    assert {(r["key"], r["round"]) for r in pre} == {(b, k) for b in ("simmim", "contrastive") for k in (1, 2)}
+    assert {(r["key"], r["round"]) for r in pre} == {
+        (b, k) for b in ("simmim", "contrastive") for k in (1, 2)
+    }
     assert all(sorted(r["sites"]) == ["telemed", "telemed2"] for r in pre)
     upper = [r for r in rounds["finetune"] if r["key"] == p.UPPER]
     assert [r["averaged"] for r in upper] == [True, True]
@@ -122,19 +148,27 @@ def test_average_is_weighted_by_example_count(tmp_path):
     wf.phase_logs["finetune"] = PhaseLog()
 
     def reply(value: float, count: int, n: int) -> RecordDict:
-        return RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: n}),
-                           p.MODEL: ArrayRecord({"w": torch.full((2,), value), "n": torch.tensor(count)})})
+        return RecordDict(
+            {
+                p.METRICS: MetricRecord({p.NUM_EXAMPLES: n}),
+                p.MODEL: ArrayRecord({"w": torch.full((2,), value), "n": torch.tensor(count)}),
+            }
+        )
 
     site = type("S", (), {"name": "x"})
     # Execute
-    avg = wf._average("finetune", 1, "upper", [(site, reply(1.0, 4, 1)), (site, reply(5.0, 8, 3))], p.MODEL)
+    avg = wf._average(
+        "finetune", 1, "upper", [(site, reply(1.0, 4, 1)), (site, reply(5.0, 8, 3))], p.MODEL
+    )
     # Assert
     np.testing.assert_allclose(avg["w"].numpy(), [4.0, 4.0])  # (1·1 + 5·3) / 4
     assert avg["n"].numpy().dtype == np.int64  # buffers keep their dtype
     assert wf.phase_logs["finetune"].rounds[0]["num_examples"] == [1, 3]
 
 
-def test_failing_site_ends_the_run_naming_site_and_phase(tmp_path, sites_root, flower_identity, monkeypatch):
+def test_failing_site_ends_the_run_naming_site_and_phase(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
     # Prepare: the target's pretraining raises
     import common.stages
 
@@ -150,7 +184,10 @@ def test_failing_site_ends_the_run_naming_site_and_phase(tmp_path, sites_root, f
     # Assert
     msg = str(err.value)
     assert "'telemed'" in msg and "'pretrain'" in msg and "disk on fire" in msg
-    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "report.md").exists()
+    assert (
+        not (tmp_path / "run" / "results.json").exists()
+        and not (tmp_path / "run" / "report.md").exists()
+    )
     assert "disk on fire" in json.loads((tmp_path / "run" / "FAILED.json").read_text())["error"]
 
 
@@ -170,17 +207,23 @@ def test_silent_site_times_out_with_its_name(tmp_path, sites_root, flower_identi
         run_server(server_app, grid)
 
 
-def test_rerun_resumes_after_the_last_completed_phase(tmp_path, sites_root, flower_identity, monkeypatch):
+def test_rerun_resumes_after_the_last_completed_phase(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
     # Prepare: a first attempt that fails in the evaluate phase
     import common.stages
 
     real_evaluate = common.stages.evaluate
-    monkeypatch.setattr(common.stages, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("GPU lost")))
+    monkeypatch.setattr(
+        common.stages, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("GPU lost"))
+    )
     exp, _ = _experiment(tmp_path, "resume")
     first = _grid(exp, tmp_path / "run", sites_root, 2)
     with pytest.raises(WorkflowError, match="evaluate"):
         run_server(server_app, first)
-    done = [c["phase"] for c in json.loads((tmp_path / "run" / "phases.json").read_text())["completed"]]
+    done = [
+        c["phase"] for c in json.loads((tmp_path / "run" / "phases.json").read_text())["completed"]
+    ]
     assert done == ["pretrain", "finetune"]
     # Execute: the same run again, evaluation healthy
     monkeypatch.setattr(common.stages, "evaluate", real_evaluate)
@@ -201,15 +244,27 @@ def test_run_folder_of_another_experiment_is_refused(tmp_path, sites_root, flowe
         run_server(server_app, _grid(exp, tmp_path / "run", sites_root, 2))
 
 
-def test_deployed_nodes_take_their_site_from_node_config(tmp_path, sites_root, flower_identity, monkeypatch):
+def test_deployed_nodes_take_their_site_from_node_config(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
     # Prepare: node_config as `flower-supernode --node-config` gives it; stop after discovery
     import common.stages
 
-    monkeypatch.setattr(common.stages, "pretrain", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(
+        common.stages, "pretrain", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop"))
+    )
     exp, _ = _experiment(tmp_path, "deploy")
     grid = _grid(exp, tmp_path / "run", sites_root, 2)
-    grid.contexts[100].node_config = {"site": "telemed", "role": "target", "data-dir": str(sites_root / "telemed")}
-    grid.contexts[101].node_config = {"site": "lumify", "role": "source", "data-dir": str(sites_root / "lumify")}
+    grid.contexts[100].node_config = {
+        "site": "telemed",
+        "role": "target",
+        "data-dir": str(sites_root / "telemed"),
+    }
+    grid.contexts[101].node_config = {
+        "site": "lumify",
+        "role": "source",
+        "data-dir": str(sites_root / "lumify"),
+    }
     # Execute
     with pytest.raises(WorkflowError, match="stop"):
         run_server(server_app, grid)
@@ -217,7 +272,9 @@ def test_deployed_nodes_take_their_site_from_node_config(tmp_path, sites_root, f
     assert {s.dst_node_id for s in grid.log if s.message_type == p.TRAIN_PRETRAIN} == {100}
 
 
-def test_reply_guard_blocks_a_site_that_would_send_more(tmp_path, sites_root, flower_identity, monkeypatch):
+def test_reply_guard_blocks_a_site_that_would_send_more(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
     # Prepare: a site card that tries to carry an array
     import clients.app
 

@@ -139,15 +139,23 @@ def _check(content: RecordDict, allowed: frozenset[str], what: str) -> None:
     for name, record in content.items():
         key = MODEL_PREFIX if name.startswith(MODEL_PREFIX) else name
         if key not in allowed:
-            raise ProtocolError(f"{what}: record {name!r} is not allowed (allowed: {sorted(allowed)})")
+            raise ProtocolError(
+                f"{what}: record {name!r} is not allowed (allowed: {sorted(allowed)})"
+            )
         expected = _record_type(name)
         if expected is None or not isinstance(record, expected):
-            raise ProtocolError(f"{what}: record {name!r} must be a {getattr(expected, '__name__', '?')}")
+            raise ProtocolError(
+                f"{what}: record {name!r} must be a {getattr(expected, '__name__', '?')}"
+            )
 
 
 def check_request(message_type: str, role: str, content: RecordDict) -> None:
     """Raise ProtocolError unless ``content`` is allowed for a ``message_type`` request to ``role``."""
-    key = (message_type, ANY_ROLE) if (message_type, ANY_ROLE) in ALLOWED_REQUEST_RECORDS else (message_type, role)
+    key = (
+        (message_type, ANY_ROLE)
+        if (message_type, ANY_ROLE) in ALLOWED_REQUEST_RECORDS
+        else (message_type, role)
+    )
     if key not in ALLOWED_REQUEST_RECORDS:
         raise ProtocolError(f"no {message_type!r} request may go to a {role!r} site")
     _check(content, ALLOWED_REQUEST_RECORDS[key], f"{message_type} request to {role}")
@@ -157,7 +165,9 @@ def check_reply(message_type: str, role: str, content: RecordDict) -> None:
     """Raise ProtocolError unless ``content`` is allowed in a ``message_type`` reply from ``role``."""
     if (message_type, role) not in ALLOWED_REPLY_RECORDS:
         raise ProtocolError(f"a {role!r} site may not reply to {message_type!r}")
-    _check(content, ALLOWED_REPLY_RECORDS[(message_type, role)], f"{message_type} reply from {role}")
+    _check(
+        content, ALLOWED_REPLY_RECORDS[(message_type, role)], f"{message_type} reply from {role}"
+    )
 
 
 # --- the experiment as a flat ConfigRecord -----------------------------------------------------
@@ -224,7 +234,9 @@ def pack_query(table: list[tuple[str, str, str, str]]) -> RecordDict:
     per partition-id. Deployed SuperNodes ignore it (their site comes from ``--node-config``)."""
     cols = list(zip(*table, strict=True)) if table else [(), (), (), ()]
     keys = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS)
-    return RecordDict({FEDERATION: ConfigRecord({k: list(c) for k, c in zip(keys, cols, strict=True)})})
+    return RecordDict(
+        {FEDERATION: ConfigRecord({k: list(c) for k, c in zip(keys, cols, strict=True)})}
+    )
 
 
 def unpack_federation(content: RecordDict) -> list[tuple[str, str, str, str]]:
@@ -275,7 +287,7 @@ def unpack_request(content: RecordDict) -> StageRequest:
     """The site's view of a stage request: typed config, tensors, names."""
     stage = content.config_records[STAGE]
     models = {
-        name[len(MODEL_PREFIX):]: _state(rec)
+        name[len(MODEL_PREFIX) :]: _state(rec)
         for name, rec in content.array_records.items()
         if name.startswith(MODEL_PREFIX)
     }
@@ -286,7 +298,9 @@ def unpack_request(content: RecordDict) -> StageRequest:
         branch=str(stage[K_BRANCH]),
         arm=str(stage[K_ARM]),
         split=str(stage[K_SPLIT]),
-        encoder=_state(content.array_records[ENCODER]) if ENCODER in content.array_records else None,
+        encoder=_state(content.array_records[ENCODER])
+        if ENCODER in content.array_records
+        else None,
         model=_state(content.array_records[MODEL]) if MODEL in content.array_records else None,
         models=models,
         fusions=[tuple(f.split("+", 1)) for f in stage[K_FUSIONS]],  # type: ignore[misc]
@@ -296,7 +310,11 @@ def unpack_request(content: RecordDict) -> StageRequest:
 # --- replies -------------------------------------------------------------------------------------
 def _flat_scalars(d: Mapping[str, Any]) -> dict[str, Any]:
     flat = flatten_dict(dict(d))
-    return {k: _to_wire(v) for k, v in flat.items() if isinstance(v, str | int | float | bool | list | tuple)}
+    return {
+        k: _to_wire(v)
+        for k, v in flat.items()
+        if isinstance(v, str | int | float | bool | list | tuple)
+    }
 
 
 def pack_site_card(card: Mapping[str, Any]) -> RecordDict:
@@ -349,11 +367,14 @@ def _config_bytes(rec: ConfigRecord) -> int:
     def one(v: Any) -> int:
         return len(v) if isinstance(v, str | bytes) else 1 if isinstance(v, bool) else 8
 
-    return sum(len(k) + (sum(one(x) for x in v) if isinstance(v, list) else one(v)) for k, v in rec.items())
+    return sum(
+        len(k) + (sum(one(x) for x in v) if isinstance(v, list) else one(v)) for k, v in rec.items()
+    )
 
 
 def record_bytes(content: RecordDict) -> int:
     """Payload size of a message's records (what the report calls bytes exchanged)."""
     return sum(
-        _config_bytes(r) if isinstance(r, ConfigRecord) else int(r.count_bytes()) for r in content.values()
+        _config_bytes(r) if isinstance(r, ConfigRecord) else int(r.count_bytes())
+        for r in content.values()
     )
