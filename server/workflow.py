@@ -287,6 +287,7 @@ class Workflow:
         for msg in msgs:
             self._log_message(DISCOVER, "out", msg, None, audit.describe(msg.content))
         plog.bytes_sent += p.record_bytes(content) * len(nodes)
+        plog.messages += len(msgs)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.s.timeout_query))
         answered = {r.metadata.src_node_id for r in replies}
         for r in replies:
