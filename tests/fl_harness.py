@@ -156,3 +156,21 @@ def task_identity() -> Iterator[None]:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def site_grid(client_app: ClientApp, exp, run_dir, sites_root, n: int = 2, **rc) -> InProcessGrid:
+    """An in-process grid of ``n`` simulated nodes running ``client_app`` for experiment ``exp``,
+    with short timeouts; ``rc`` overrides run-config keys."""
+    run_config = {
+        "experiment": str(exp),
+        "run-dir": str(run_dir),
+        "sites-root": str(sites_root),
+        "timeout-query": 10,
+        "timeout-train": 60,
+        "timeout-evaluate": 60,
+        "node-wait": 1,
+        "min-nodes": 0,
+        **rc,
+    }
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    return InProcessGrid(client_app, nodes, run_config)

@@ -27,7 +27,7 @@ from common.fl import audit
 from common.fl import protocol as p
 from server.app import app as server_app
 from server.workflow import WorkflowError
-from tests.fl_harness import InProcessGrid, run_server, task_identity
+from tests.fl_harness import InProcessGrid, run_server, site_grid, task_identity
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
 
@@ -78,18 +78,8 @@ def _experiment(tmp: Path, name: str) -> Path:
     return path
 
 
-def _grid(exp: Path, run_dir: Path, sites_root: Path) -> InProcessGrid:
-    run_config = {
-        "experiment": str(exp),
-        "run-dir": str(run_dir),
-        "sites-root": str(sites_root),
-        "timeout-query": 10,
-        "timeout-train": 60,
-        "timeout-evaluate": 60,
-        "node-wait": 1,
-    }
-    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-    return InProcessGrid(client_app, nodes, run_config)
+def _grid(exp: Path, run_dir: Path, sites_root: Path, n: int = 2, **rc) -> InProcessGrid:
+    return site_grid(client_app, exp, run_dir, sites_root, n, **rc)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from server.app import app as server_app
 from server.report import method_order
 from server.store import RunDirError
 from server.workflow import PhaseLog, Settings, Workflow, WorkflowError
-from tests.fl_harness import InProcessGrid, run_server
+from tests.fl_harness import InProcessGrid, run_server, site_grid
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
 TARGET2 = SiteConfig(
@@ -59,20 +59,8 @@ def sites_root(tmp_path_factory) -> Path:
     return root
 
 
-def _grid(exp: Path, run_dir: Path, sites_root: Path, n: int, **rc) -> InProcessGrid:
-    run_config = {
-        "experiment": str(exp),
-        "run-dir": str(run_dir),
-        "sites-root": str(sites_root),
-        "timeout-query": 10,
-        "timeout-train": 60,
-        "timeout-evaluate": 60,
-        "node-wait": 1,
-        "min-nodes": 0,
-        **rc,
-    }
-    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
-    return InProcessGrid(client_app, nodes, run_config)
+def _grid(exp: Path, run_dir: Path, sites_root: Path, n: int = 2, **rc) -> InProcessGrid:
+    return site_grid(client_app, exp, run_dir, sites_root, n, **rc)
 
 
 def _types(grid: InProcessGrid) -> list[str]:
