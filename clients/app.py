@@ -48,5 +48,7 @@ def train_finetune(msg: Message, context: Context) -> Message:
 def evaluate_segment(msg: Message, context: Context) -> Message:
     req = p.unpack_request(msg.content)
     res = source.evaluate(req, resolve_site(context))
-    reply = p.pack_eval_reply(res.metrics, res.per_image, res.per_video, res.num_examples)
+    reply = p.pack_eval_reply(
+        res.metrics, res.per_image, res.per_video, res.num_examples, res.per_patient
+    )
     return Message(reply, reply_to=msg)

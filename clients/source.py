@@ -13,8 +13,15 @@ def finetune(req: StageRequest, site: LocalSite):
     from common import stages
 
     out_dir = site.out_dir / f"finetune-{req.arm}-r{req.round}"
+    contrastive = req.branch in (stages.BRANCHES[1], stages.BRANCHES[2]) if req.branch else None
     return stages.finetune(
-        req.cfg, load_data(site), out_dir, req.encoder, req.arm, init_model=req.model
+        req.cfg,
+        load_data(site),
+        out_dir,
+        req.encoder,
+        req.arm,
+        init_model=req.model,
+        contrastive=contrastive,
     )
 
 
@@ -25,7 +32,7 @@ def evaluate(req: StageRequest, site: LocalSite):
     """
     from common import stages
 
-    out_dir = site.out_dir / f"evaluate-{req.split}"
+    out_dir = site.out_dir / f"evaluate-{req.split}"  # one folder per split: the last run's figures
     return stages.evaluate(
         req.cfg, load_data(site), out_dir, req.models, req.fusions, split=req.split
     )

@@ -206,8 +206,52 @@ class RuntimeConfig(_Frozen):
     threads: int | None = None
 
 
+ARM_NAME = r"^[a-z][a-z0-9_.-]*$"
+# the arms every run has (server/report.py and common/fl/protocol.py use the same names)
+BUILTIN_ARMS = ("simmim", "mtnxent", "simclr", "lower", "upper")
+VARIANT_SECTIONS = ("simmim", "contrastive", "finetune")  # what a variant may change (+ "seed")
+
+
+class VariantConfig(_Frozen):
+    """One extra arm of a study (issue 7): a pretraining branch or the lower bound, run with a few
+    settings changed, e.g. ``{name: tau0.1, branch: contrastive, set: {contrastive.temperature: 0.1}}``.
+
+    ``set`` takes dotted keys under ``simmim.``, ``contrastive.``, ``finetune.`` or ``seed`` (a second
+    model of the same recipe). The model itself never changes, so every arm's weights share one
+    schema and any two can be fused.
+    """
+
+    name: str = Field(pattern=ARM_NAME, max_length=40)
+    branch: Literal["simmim", "contrastive", "simclr", "lower"]
+    set: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    every_seed: bool = False  # a main-table row: run on every seed, not only study.variant_seeds
+
+    @model_validator(mode="after")
+    def _check(self) -> VariantConfig:
+        if self.name in BUILTIN_ARMS:
+            raise ValueError(f"variant name {self.name!r} is a built-in arm {BUILTIN_ARMS}")
+        for key in self.set:
+            head = key.split(".", 1)[0]
+            if key != "seed" and (head not in VARIANT_SECTIONS or "." not in key):
+                raise ValueError(
+                    f"variant {self.name!r}: set.{key} may not change; a variant may set "
+                    f"seed or keys under {', '.join(s + '.' for s in VARIANT_SECTIONS)}"
+                )
+        return self
+
+
+class StudyConfig(_Frozen):
+    """Extra arms, extra fused pairs and seeds for ``crossprobe experiment`` (issue 7)."""
+
+    variants: tuple[VariantConfig, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()  # extra fused pairs of arm names (Table 8)
+    seeds: tuple[int, ...] = (0,)  # one federated run per seed (crossprobe experiment)
+    variant_seeds: tuple[int, ...] | None = None  # seeds that also run the variants (None = all)
+    select_on_source_val: bool = True  # also score the fusions on source validation (Table 7)
+
+
 class ExperimentConfig(_Frozen):
-    """A whole experiment: model, the three stages, fusion, sites, runtime."""
+    """A whole experiment: model, the three stages, fusion, sites, runtime (and an optional study)."""
 
     name: str = "experiment"
     seed: int = 0
@@ -219,6 +263,7 @@ class ExperimentConfig(_Frozen):
     fusion: FusionConfig = FusionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     sites: tuple[SiteConfig, ...] = ()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -226,6 +271,22 @@ class ExperimentConfig(_Frozen):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"sites: duplicate site name(s) {sorted(dup)}")
+        arms = [v.name for v in self.study.variants]
+        dup = {n for n in arms if arms.count(n) > 1}
+        if dup:
+            raise ValueError(f"study.variants: duplicate name(s) {sorted(dup)}")
+        known = {"simmim", "mtnxent", "lower", "upper", *arms}
+        known |= {"simclr"} if self.contrastive.simclr_arm else set()
+        for a, b in self.study.pairs:
+            for arm in (a, b):
+                if arm not in known:
+                    raise ValueError(
+                        f"study.pairs: {arm!r} is not an arm of this experiment {sorted(known)}"
+                    )
+            if a == b:
+                raise ValueError(f"study.pairs: ({a}, {b}) fuses an arm with itself")
+        for v in self.study.variants:
+            variant_config(self, v)  # every override must make a valid experiment
         if self.model.img_size % self.simmim.mask_patch_size:
             raise ValueError(
                 f"simmim.mask_patch_size ({self.simmim.mask_patch_size}) must divide "
@@ -237,6 +298,31 @@ class ExperimentConfig(_Frozen):
     def simmim_masked_units(self) -> int:
         units = (self.model.img_size // self.simmim.mask_patch_size) ** 2
         return math.ceil(self.simmim.mask_ratio * units)
+
+
+def variant_config(cfg: ExperimentConfig, variant: VariantConfig) -> ExperimentConfig:
+    """The experiment a variant arm runs with: ``cfg`` with ``variant.set`` applied, no study.
+
+    Raises:
+        ValueError: a key of ``variant.set`` does not exist or its value is invalid (named).
+    """
+    data = cfg.model_dump(mode="python", exclude={"study"})
+    for dotted, value in variant.set.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ValueError(
+                f"variant {variant.name!r}: set.{dotted} is not a key of the experiment"
+            )
+        node[leaf] = value
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(
+            f"variant {variant.name!r}: invalid settings\n{_format_errors(err)}"
+        ) from None
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -267,15 +353,41 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
     """
     p = Path(path)
+    data = _read_with_base(p, ())
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_experiment(data, str(p))
+
+
+def _read_with_base(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first and
+    this file's keys are merged over it (mappings merge key by key; lists and values replace)."""
     if not p.is_file():
-        raise ConfigError(f"{p}: experiment config not found")
+        where = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{p}: experiment config not found{where}")
+    if p.resolve() in chain:
+        raise ConfigError(
+            f"{p}: 'base' chain loops: {' -> '.join(map(str, chain + (p.resolve(),)))}"
+        )
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    return parse_experiment(data, str(p))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: an experiment must be a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: base: must be a path to another experiment YAML")
+    return _merge(_read_with_base(p.parent / base, chain + (p.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -23,7 +23,7 @@ from common.config import ExperimentConfig, SimMIMConfig
 from common.engine import Step, autocast, fit, make_optimizer, to_device
 from common.fusion import fuse
 from common.losses import DiceBCELoss, MTNXentLoss, masked_l1
-from common.metrics import dice_iou
+from common.metrics import dice_iou, group_means
 from common.models import (
     ContrastiveModel,
     SimMIMModel,
@@ -59,6 +59,7 @@ class EvalResult:
     per_image: dict[str, list[float]] = field(default_factory=dict)
     per_video: dict[str, list[float]] = field(default_factory=dict)
     num_examples: int = 0
+    per_patient: dict[str, list[float]] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -237,13 +238,14 @@ def finetune(
     arm: str,
     init_model: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    contrastive: bool | None = None,
 ) -> StageResult:
     """Supervised TransUNet training on the site's labeled train frames with DiceBCE.
 
     Only ``encoder`` tensors are loaded into a fresh model (decoder and head random); ``None`` is the
     lower bound (random init, or ``cfg.model.checkpoint`` when set). ``init_model`` (a whole model
-    from a previous federated round) takes precedence. Contrastive arms use
-    ``cfg.finetune.weight_decay_contrastive``. The checkpoint with the lowest validation DiceBCE is
+    from a previous federated round) takes precedence. Contrastive arms (``contrastive``, or when
+    None an arm named mtnxent*/simclr*) use ``cfg.finetune.weight_decay_contrastive``. The checkpoint with the lowest validation DiceBCE is
     kept and returned; a site without labeled validation frames keeps the last one.
 
     Raises:
@@ -269,7 +271,9 @@ def finetune(
     elif encoder is not None:
         load_encoder(model, encoder)
     step = segmentation_step(model, DiceBCELoss())
-    wd = fcfg.weight_decay_contrastive if is_contrastive_arm(arm) else optim.weight_decay
+    if contrastive is None:
+        contrastive = is_contrastive_arm(arm)
+    wd = fcfg.weight_decay_contrastive if contrastive else optim.weight_decay
     opt = make_optimizer(model.parameters(), optim, weight_decay=wd)
     val_loader = (
         _loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
@@ -292,8 +296,9 @@ def finetune(
     )
 
 
-def fusion_name(mode: str, pair: tuple[str, str], n_pairs: int) -> str:
-    return f"fusion-{mode}" if n_pairs == 1 else f"fusion-{mode}[{pair[0]}+{pair[1]}]"
+def fusion_name(mode: str, pair: tuple[str, str], first: bool) -> str:
+    """``fusion-<mode>`` for the first (main) pair of a request, ``fusion-<mode>[a+b]`` for others."""
+    return f"fusion-{mode}" if first else f"fusion-{mode}[{pair[0]}+{pair[1]}]"
 
 
 @torch.inference_mode()
@@ -357,9 +362,9 @@ def evaluate(
             for name, net in nets.items():
                 probs[name] = torch.sigmoid(net(batch["image"]).float())
         weights: dict[str, torch.Tensor] = {}
-        for pair in fusions:
+        for j, pair in enumerate(fusions):
             for mode in fcfg.modes:
-                fname = fusion_name(mode, pair, len(fusions))
+                fname = fusion_name(mode, tuple(pair), j == 0)
                 probs[fname], weights[fname] = fuse(
                     probs[pair[0]], probs[pair[1]], mode, fcfg.normalize, fcfg.eps
                 )
@@ -367,28 +372,26 @@ def evaluate(
             d, i = dice_iou(p >= fcfg.threshold, gt)
             scores.setdefault(f"{name}/dice", []).extend(d.tolist())
             scores.setdefault(f"{name}/iou", []).extend(i.tolist())
-        if fig_cache is None:
+        if fig_cache is None:  # the main pair's fusions and single models (a study has dozens)
             fig_cache = {
                 "image": batch["image"][:6].cpu(),
                 "gt": gt[:6].cpu(),
-                "probs": {k: v[:6].cpu() for k, v in probs.items()},
-                "weights": {k: v[:6].cpu() for k, v in weights.items()},
+                "probs": {k: v[:6].cpu() for k, v in probs.items() if "[" not in k},
+                "weights": {k: v[:6].cpu() for k, v in weights.items() if "[" not in k},
             }
     seconds = time.perf_counter() - t0
     n = len(ds)
     metrics: dict[str, float] = {k: float(np.mean(v)) for k, v in scores.items()}
     order = list(dict.fromkeys(videos))
-    per_video = {}
-    for k, v in scores.items():
-        by: dict[str, list[float]] = {}
-        for s, vid in zip(v, videos, strict=True):
-            by.setdefault(vid, []).append(s)
-        per_video[k] = [float(np.mean(by[vid])) for vid in order]
+    patients = [v.rsplit("/", 1)[0] for v in videos]
+    per_video = {k: list(group_means(v, videos).values()) for k, v in scores.items()}
+    per_patient = {k: list(group_means(v, patients).values()) for k, v in scores.items()}
     metrics.update(
         {
             "n_images": float(n),
             "n_empty_gt": float(empty),
             "n_videos": float(len(order)),
+            "n_patients": float(len(set(patients))),
             "seconds": seconds,
             "frames_per_s": n / max(seconds, 1e-9),
         }
@@ -421,4 +424,4 @@ def evaluate(
             f"[evaluate:{site.name}:{split}] {n} frames, {len(order)} videos, {seconds:.1f}s; best {best} = {metrics.get(best, float('nan')):.4f}",
             flush=True,
         )
-    return EvalResult(metrics, scores, per_video, n)
+    return EvalResult(metrics, scores, per_video, n, per_patient)

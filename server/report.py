@@ -22,15 +22,30 @@ SCORES = ("dice", "iou")
 
 
 def method_order(cfg: ExperimentConfig) -> list[str]:
-    """Ours first, then the other fusion modes, the single branches, the bounds."""
+    """Ours first, then the other fusion modes, the single branches, the study's variant arms and
+    extra fused pairs, the bounds."""
     ours = f"fusion-{cfg.fusion.default_mode}"
     fusions = [f"fusion-{m}" for m in cfg.fusion.modes if f"fusion-{m}" != ours]
     arms = [p.ARM_OF_BRANCH[p.SIMMIM], p.ARM_OF_BRANCH[p.CONTRASTIVE]]
     arms += [p.ARM_OF_BRANCH[p.SIMCLR]] if cfg.contrastive.simclr_arm else []
-    return [ours, *fusions, *arms, p.LOWER, p.UPPER]
+    variants = [v.name for v in cfg.study.variants]
+    pairs = [
+        f"fusion-{m}[{a}+{b}]"
+        for a, b in dict.fromkeys(cfg.study.pairs)
+        if (a, b) != p.FUSION_PAIR
+        for m in (
+            cfg.fusion.default_mode,
+            *[x for x in cfg.fusion.modes if x != cfg.fusion.default_mode],
+        )
+    ]
+    return [ours, *fusions, *arms, *variants, *pairs, p.LOWER, p.UPPER]
 
 
 def label(cfg: ExperimentConfig, method: str) -> str:
+    for v in cfg.study.variants:
+        if v.name == method:
+            changed = ", ".join(f"{k.split('.')[-1]} = {x}" for k, x in v.set.items())
+            return f"{v.name} ({v.branch}{': ' + changed if changed else ''})"
     gap = cfg.contrastive.min_frame_gap
     names = {
         f"fusion-{cfg.fusion.default_mode}": f"Ours (SimMIM + MT-NXent, {cfg.fusion.default_mode} fusion)",
@@ -59,13 +74,17 @@ def _site_table(methods: list[str], ours: str, ev: dict[str, Any]) -> dict[str, 
             row[s] = float(np.mean(vec)) if vec else float(ev["metrics"][key])
             if ev["per_video"].get(key):
                 row[f"video_{s}"] = float(np.mean(ev["per_video"][key]))
+            if ev.get("per_patient", {}).get(key):
+                row[f"patient_{s}"] = float(np.mean(ev["per_patient"][key]))
             if m != ours and vec and f"{ours}/{s}" in ev["per_image"]:
                 pv, st = paired_wilcoxon(vec, ev["per_image"][f"{ours}/{s}"])
                 row[f"p_{s}"], row[f"stars_{s}"] = pv, st
-                vv, vo = ev["per_video"].get(key), ev["per_video"].get(f"{ours}/{s}")
-                if vv and vo and len(vv) == len(vo) and len(vv) > 1:
-                    pv, st = paired_wilcoxon(vv, vo)
-                    row[f"p_video_{s}"], row[f"stars_video_{s}"] = pv, st
+                for unit in ("video", "patient"):
+                    vv = ev.get(f"per_{unit}", {}).get(key)
+                    vo = ev.get(f"per_{unit}", {}).get(f"{ours}/{s}")
+                    if vv and vo and len(vv) == len(vo) and len(vv) > 1:
+                        pv, st = paired_wilcoxon(vv, vo)
+                        row[f"p_{unit}_{s}"], row[f"stars_{unit}_{s}"] = pv, st
         if row:
             table[m] = row
     return table
@@ -93,7 +112,8 @@ def build_results(
     """Everything the report shows, as plain JSON (score vectors included for re-analysis)."""
     methods = method_order(cfg)
     ours = methods[0]
-    tables = {name: _site_table(methods, ours, ev) for name, ev in evaluation.items()}
+    test = {n: ev for n, ev in evaluation.items() if ev.get("split", "test") == "test"}
+    tables = {name: _site_table(methods, ours, ev) for name, ev in test.items()}
     return {
         "experiment": cfg.name,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -104,9 +124,39 @@ def build_results(
         "sites": sites,
         "tables": tables,
         "gap_closed": {name: _gap(t, ours) for name, t in tables.items()},
+        "fusion_selection": fusion_selection(cfg, evaluation),
         "evaluation": evaluation,
         "phases": phases,
         "stage_metrics": stage_metrics,
+    }
+
+
+def fusion_selection(cfg: ExperimentConfig, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """Paper Table 7: each fusion mode's Dice on the source sites' validation frames (pooled over
+    images), the mode that wins there, and that mode's score on every test set."""
+    val = [ev for ev in evaluation.values() if ev.get("split") == "val"]
+    if not val:
+        return None
+    modes = list(cfg.fusion.modes)
+    score = {}
+    for m in modes:
+        vec = [x for ev in val for x in ev["per_image"].get(f"fusion-{m}/dice", [])]
+        if vec:
+            score[m] = float(np.mean(vec))
+    if not score:
+        return None
+    best = max(score, key=lambda m: (score[m], m == cfg.fusion.default_mode))
+    test = {
+        n: {m: float(np.mean(ev["per_image"][f"fusion-{m}/dice"])) for m in score}
+        for n, ev in evaluation.items()
+        if ev.get("split", "test") == "test" and f"fusion-{best}/dice" in ev["per_image"]
+    }
+    return {
+        "val_sites": [ev.get("site", "") for ev in val],
+        "val_images": sum(int(ev["num_examples"]) for ev in val),
+        "val_dice": score,
+        "selected": best,
+        "test_dice": test,
     }
 
 
@@ -133,7 +183,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for role, title in ((p.TARGET, "Target test set"), (p.SOURCE, "Source test set")):
-        names = [n for n, ev in results["evaluation"].items() if ev["role"] == role]
+        names = [
+            n
+            for n, ev in results["evaluation"].items()
+            if ev["role"] == role and ev.get("split", "test") == "test"
+        ]
         if not names:
             continue
         lines += [
@@ -183,6 +237,24 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"{_cell(r, 'dice', True)} | {_cell(r, 'iou', True)}" for r in rows
                 )
                 lines.append(f"| {labels[m]} | {cells} |")
+        lines.append("")
+    sel = results.get("fusion_selection")
+    if sel:
+        lines += [
+            "## Fusion mode chosen on source validation (paper Table 7)",
+            "",
+            f"Selected: **{sel['selected']}** (on {sel['val_images']} labeled validation images at "
+            f"{', '.join(sel['val_sites'])}; no test set was looked at).",
+            "",
+            "| mode | source val DSC | "
+            + " | ".join(f"{n} test DSC" for n in sel["test_dice"])
+            + " |",
+            "|---" * (2 + len(sel["test_dice"])) + "|",
+        ]
+        for m, v in sel["val_dice"].items():
+            mark = " ← selected" if m == sel["selected"] else ""
+            cells = " | ".join(f"{t[m]:.4f}" for t in sel["test_dice"].values())
+            lines.append(f"| {m}{mark} | {v:.4f} | {cells} |")
         lines.append("")
     lines += [
         "## Phases",

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import ExperimentConfig, dump_experiment
+from common.config import ExperimentConfig, dump_experiment, variant_config
 from common.fl import audit
 from common.fl import protocol as p
 from server import report
@@ -78,6 +78,7 @@ class Job:
     message_type: str
     key: str
     content: RecordDict
+    max_list: int | None = None  # bound on score-vector lengths in the reply (evaluate)
 
 
 @dataclass
@@ -120,11 +121,39 @@ class Workflow:
     def _fingerprint(self) -> str:
         sites = json.dumps([[s.name, s.role] for s in self.cfg.sites])
         exp = json.dumps(dict(p.flatten_experiment(self.cfg)), sort_keys=True)
+        study = self.cfg.study
+        if study.variants or study.pairs:  # extra arms change what a run computes; seeds do not
+            exp += study.model_dump_json(include={"variants", "pairs", "select_on_source_val"})
         return fingerprint(exp, sites)
 
     @property
     def branches(self) -> list[str]:
         return [p.SIMMIM, p.CONTRASTIVE] + ([p.SIMCLR] if self.cfg.contrastive.simclr_arm else [])
+
+    def pretrain_arms(self) -> list[tuple[str, str, ExperimentConfig]]:
+        """(key, branch, experiment) of every pretraining job: the built-in branches (key = branch),
+        then each study variant of a pretraining branch (key = variant name, its own settings)."""
+        out = [(b, b, self.cfg) for b in self.branches]
+        out += [
+            (v.name, v.branch, variant_config(self.cfg, v))
+            for v in self.cfg.study.variants
+            if v.branch != p.LOWER
+        ]
+        return out
+
+    def finetune_arms(self) -> list[tuple[str, str, str, ExperimentConfig]]:
+        """(arm, encoder key or "" for none, branch, experiment) of every source fine-tuning job."""
+        out = [(p.ARM_OF_BRANCH[b], b, b, self.cfg) for b in self.branches]
+        out.append((p.LOWER, "", p.LOWER, self.cfg))
+        for v in self.cfg.study.variants:
+            enc = "" if v.branch == p.LOWER else v.name
+            out.append((v.name, enc, v.branch, variant_config(self.cfg, v)))
+        return out
+
+    def fusion_pairs(self, models: dict[str, Any]) -> list[tuple[str, str]]:
+        """The main pair (ours) first, then the study's extra pairs whose models exist."""
+        pairs = [p.FUSION_PAIR, *self.cfg.study.pairs]
+        return [tuple(x) for x in dict.fromkeys(pairs) if all(a in models for a in x)]  # type: ignore[misc]
 
     def by_role(self, role: str) -> list[Site]:
         return [s for s in self.sites.values() if s.role == role]
@@ -203,7 +232,9 @@ class Workflow:
             if job is None:
                 continue  # a stray reply (e.g. from an earlier attempt): ignore
             where = f"site {job.site.name!r} ({job.site.role}) failed in phase {phase!r} ({job.message_type} {job.key}, round {rnd})"
-            bound = job.site.labeled("test") if job.message_type == p.EVALUATE_SEGMENT else None
+            bound = job.max_list
+            if bound is None and job.message_type == p.EVALUATE_SEGMENT:
+                bound = job.site.labeled("test")
             self._receive(phase, where, reply, job.site, bound)
             plog.bytes_received += p.record_bytes(reply.content)
             out.setdefault(job.key, []).append((job.site, reply.content))
@@ -333,26 +364,34 @@ class Workflow:
         return Path(site_cfg.data_dir) if site_cfg.data_dir else self.s.sites_root / site_cfg.name
 
     def pretrain(self) -> dict[str, ArrayRecord]:
-        """Both (or all three) branches at every target site, one message per branch and site."""
+        """Both (or all three) branches, and any study variants, at every target site: one message
+        per branch (or variant) and site."""
         encoders: dict[str, ArrayRecord] = {}
         targets = self.by_role(p.TARGET)
+        arms = self.pretrain_arms()
         for rnd in range(1, self.cfg.rounds + 1):
             jobs = [
                 Job(
                     site,
                     p.TRAIN_PRETRAIN,
-                    branch,
+                    key,
                     p.pack_request(
-                        self.cfg, PRETRAIN, rnd, branch=branch, encoder=encoders.get(branch)
+                        cfg,
+                        PRETRAIN,
+                        rnd,
+                        branch=branch,
+                        arm="" if key == branch else key,
+                        encoder=encoders.get(key),
                     ),
                 )
-                for branch in self.branches
+                for key, branch, cfg in arms
                 for site in targets
             ]
             replies = self._round(PRETRAIN, rnd, jobs, self.s.timeout_train)
             self._collect_metrics(PRETRAIN, rnd, replies)
             encoders = {
-                b: self._average(PRETRAIN, rnd, b, replies[b], p.ENCODER) for b in self.branches
+                key: self._average(PRETRAIN, rnd, key, replies[key], p.ENCODER)
+                for key, _, _ in arms
             }
         return encoders
 
@@ -361,24 +400,24 @@ class Workflow:
         every target site with labeled train frames."""
         sources = [s for s in self.by_role(p.SOURCE) if s.labeled("train")]
         uppers = [s for s in self.by_role(p.TARGET) if s.labeled("train")]
-        arms = {p.ARM_OF_BRANCH[b]: encoders[b] for b in self.branches}
-        arms[p.LOWER] = None
         models: dict[str, ArrayRecord] = {}
         for rnd in range(1, self.cfg.rounds + 1):
             jobs = []
-            for arm, enc in arms.items():
+            for arm, enc_key, branch, cfg in self.finetune_arms():
                 for site in sources:
                     init = models.get(arm)
+                    enc = encoders[enc_key] if enc_key else None
                     jobs.append(
                         Job(
                             site,
                             p.TRAIN_FINETUNE,
                             arm,
                             p.pack_request(
-                                self.cfg,
+                                cfg,
                                 FINETUNE,
                                 rnd,
                                 arm=arm,
+                                branch=branch,
                                 encoder=enc if init is None else None,
                                 model=init,
                             ),
@@ -404,9 +443,13 @@ class Workflow:
         return models
 
     def evaluate(self, models: dict[str, ArrayRecord]) -> dict[str, Any]:
-        """Every model and the fusion pair (each mode of cfg.fusion.modes) at every site with
-        labeled test frames. Returns per site: role, scalar metrics, per-image and per-video scores."""
-        fusions = [p.FUSION_PAIR] if all(a in models for a in p.FUSION_PAIR) else []
+        """Every model and each fusion pair (each mode of cfg.fusion.modes) at every site with
+        labeled test frames; and, to choose the fusion mode without looking at any test set (paper
+        Table 7), the main pair's fusions on each source site's labeled validation frames.
+
+        Returns per site (val entries keyed "<site>:val"): role, split, scalar metrics, and score
+        vectors per image, per video and per patient."""
+        fusions = self.fusion_pairs(models)
         sites = [s for s in self.sites.values() if s.labeled("test")]
         if not sites:
             raise WorkflowError("phase 'evaluate': no site has labeled test frames")
@@ -416,21 +459,43 @@ class Workflow:
                 p.EVALUATE_SEGMENT,
                 site.name,
                 p.pack_request(self.cfg, EVALUATE, 1, split="test", models=models, fusions=fusions),
+                max_list=site.labeled("test"),
             )
             for site in sites
         ]
+        if self.cfg.study.select_on_source_val and fusions and fusions[0] == p.FUSION_PAIR:
+            pair = {a: models[a] for a in p.FUSION_PAIR}
+            jobs += [
+                Job(
+                    site,
+                    p.EVALUATE_SEGMENT,
+                    f"{site.name}:val",
+                    p.pack_request(
+                        self.cfg, EVALUATE, 1, split="val", models=pair, fusions=[p.FUSION_PAIR]
+                    ),
+                    max_list=site.labeled("val"),
+                )
+                for site in self.by_role(p.SOURCE)
+                if site.labeled("val")
+            ]
         replies = self._round(EVALUATE, 1, jobs, self.s.timeout_evaluate)
         out = {}
-        for name, [(site, content)] in replies.items():
+        for key, [(site, content)] in replies.items():
             metrics = dict(content.metric_records[p.METRICS])
-            out[name] = {
+            records = content.metric_records
+
+            def vectors(name: str, records=records) -> dict[str, list[float]]:
+                return {k: list(v) for k, v in records[name].items()} if name in records else {}
+
+            out[key] = {
                 "role": site.role,
+                "site": site.name,
+                "split": "val" if key.endswith(":val") else "test",
                 "num_examples": int(metrics.pop(p.NUM_EXAMPLES)),
                 "metrics": metrics,
-                "per_image": {k: list(v) for k, v in content.metric_records[p.SCORES].items()},
-                "per_video": {
-                    k: list(v) for k, v in content.metric_records[p.VIDEO_SCORES].items()
-                },
+                "per_image": vectors(p.SCORES),
+                "per_video": vectors(p.VIDEO_SCORES),
+                "per_patient": vectors(p.PATIENT_SCORES),
             }
         return out
 

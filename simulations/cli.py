@@ -26,6 +26,11 @@ COMMANDS = {
         "simulate_command",
         "Run the whole federated study on simulated sites.",
     ),
+    "experiment": (
+        "simulations.experiment",
+        "experiment_command",
+        "Run a study over seeds (paper Tables 3–8) with per-video statistics.",
+    ),
     "data": (
         "simulations.data_cli",
         "data_app",

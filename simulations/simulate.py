@@ -173,8 +173,10 @@ def run_simulation(
     fresh: bool = False,
     cpus_per_site: float = 0.0,
     timeout: float = 0.0,
+    sites_root: Path | None = None,
 ) -> dict:
-    """Run the study; returns the summary written to ``simulate.json``.
+    """Run the study; returns the summary written to ``simulate.json``. Site data is made under
+    ``sites_root`` (default ``<run_dir>/data``; runs of one study share theirs).
 
     Raises:
         SimulationError: the run did not finish completed (the message names site and phase when
@@ -204,7 +206,7 @@ def run_simulation(
     # 1. each site's data in its own folder
     from simulations.sites import ensure_site
 
-    sites_root = run_dir / "data"
+    sites_root = Path(sites_root).resolve() if sites_root else run_dir / "data"
     for site in cfg.sites:
         say(f"site {site.name} ({site.role}): data")
         path = ensure_site(site, cfg.model.img_size, sites_root)

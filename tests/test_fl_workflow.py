@@ -18,6 +18,7 @@ from common.config import (
     SynthConfig,
     dump_experiment,
     load_experiment,
+    parse_experiment,
 )
 from common.fl import protocol as p
 from server.app import app as server_app
@@ -80,7 +81,8 @@ def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identit
     assert (
         types.count(p.TRAIN_FINETUNE) == 4
     )  # simmim, mtnxent, lower at the source; upper at the target
-    assert types.count(p.EVALUATE_SEGMENT) == 2  # both sites have labeled test frames
+    # both sites' labeled test frames + the source's validation frames (fusion-mode selection)
+    assert types.count(p.EVALUATE_SEGMENT) == 3
     assert not [s.error for s in grid.log if s.error]
     # nothing but weights, scalars and score vectors came back
     allowed = set().union(*p.ALLOWED_REPLY_RECORDS.values())
@@ -91,6 +93,15 @@ def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identit
         assert results["labels"][method] in report
         assert method in results["tables"]["telemed"] and method in results["tables"]["lumify"]
     assert "Target test set" in report and "Source test set" in report and "gap closed" in report
+    # Table 7: the fusion mode is chosen on source validation, and its test scores are reported
+    sel = results["fusion_selection"]
+    assert sel["val_sites"] == ["lumify"] and sel["selected"] in cfg.fusion.modes
+    assert sel["val_images"] == results["evaluation"]["lumify:val"]["num_examples"] > 0
+    assert set(sel["test_dice"]) == {"lumify", "telemed"} and "Table 7" in report
+    # per-patient vectors come back too, one value per test patient
+    ev = results["evaluation"]["telemed"]
+    n_pat = int(ev["metrics"]["n_patients"])
+    assert n_pat >= 1 and all(len(v) == n_pat for v in ev["per_patient"].values())
     assert [ph["phase"] for ph in results["phases"]] == [
         "discover",
         "pretrain",
@@ -280,3 +291,53 @@ def test_reply_guard_blocks_a_site_that_would_send_more(
     with pytest.raises(WorkflowError, match="'frames' is not allowed"):
         run_server(server_app, grid)
     assert all(s.records_in == () for s in grid.log)
+
+
+def test_study_variants_and_pairs_run_as_extra_arms(tmp_path, sites_root, flower_identity):
+    # Prepare: a temperature variant, a second SimMIM (other seed), the augmented source-only
+    # baseline, and a homogeneous pair (paper Table 8)
+    _, base = _experiment(tmp_path, "study")
+    study = {
+        "variants": [
+            {"name": "tau0.1", "branch": "contrastive", "set": {"contrastive.temperature": 0.1}},
+            {"name": "simmim-b", "branch": "simmim", "set": {"seed": 7}},
+            {"name": "lower-aug", "branch": "lower", "set": {"finetune.augment": True}},
+        ],
+        "pairs": [["simmim", "simmim-b"], ["simmim", "tau0.1"]],
+    }
+    data = base.model_dump(mode="json")
+    data["study"] = study
+    cfg = parse_experiment(data)
+    exp = tmp_path / "study.yaml"
+    exp.write_text(dump_experiment(cfg))
+    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    # Execute
+    run_server(server_app, grid)
+    # Assert: each variant is one more pretraining (if any) and fine-tuning job
+    types = _types(grid)
+    assert types.count(p.TRAIN_PRETRAIN) == 2 + 2
+    assert types.count(p.TRAIN_FINETUNE) == 3 + 3 + 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    table = results["tables"]["telemed"]
+    for m in (
+        "tau0.1",
+        "simmim-b",
+        "lower-aug",
+        "fusion-entropy[simmim+simmim-b]",
+        "fusion-mean[simmim+tau0.1]",
+        "fusion-entropy",
+    ):
+        assert m in table and 0.0 <= table[m]["dice"] <= 1.0, m
+        assert m in results["methods"]
+    assert "temperature = 0.1" in results["labels"]["tau0.1"]
+    # the variant trained with its own settings: the site's ledger shows what it was sent
+    ledger = (tmp_path / "run" / "sites" / "telemed" / "ledger.jsonl").read_text()
+    assert '"contrastive.temperature":0.1' in ledger.replace(" ", "")
+    assert any((tmp_path / "run" / "sites" / "telemed").glob("pretrain-tau0.1-r1/*"))
+    assert any((tmp_path / "run" / "sites" / "lumify").glob("finetune-lower-aug-r1/*"))
+    # different settings, different weights: the second SimMIM is not a copy of the first
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    phase = tmp_path / "run" / "phases" / "pretrain"
+    a, b = (load_file(phase / f"{k}.safetensors") for k in ("simmim", "simmim-b"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

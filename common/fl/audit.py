@@ -53,7 +53,9 @@ SITE = "site"
 MAX_METRIC_KEYS = 256  # keys per MetricRecord
 MAX_CARD_KEYS = 32  # keys in a site card (an honest one has 15)
 MAX_STR = 128  # characters per key name, and per config string in a reply
-SCORE_RECORDS = frozenset({p.SCORES, p.VIDEO_SCORES})  # the only records that may carry lists
+SCORE_RECORDS = frozenset(
+    {p.SCORES, p.VIDEO_SCORES, p.PATIENT_SCORES}
+)  # the only records that may carry lists
 
 # `crossprobe audit` exit codes (most serious wins).
 EXIT_OK, EXIT_NO_LEDGER, EXIT_CHAIN, EXIT_CONTRACT, EXIT_MISMATCH = 0, 1, 3, 4, 5

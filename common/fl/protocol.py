@@ -56,6 +56,7 @@ SITE_CARD = "site"  # ConfigRecord: name, role, counts.<split>.<videos|frames|la
 METRICS = "metrics"  # MetricRecord: scalars, always including NUM_EXAMPLES
 SCORES = "scores"  # MetricRecord: per-image score vectors "<method>/<dice|iou>"
 VIDEO_SCORES = "video-scores"  # MetricRecord: per-video mean score vectors, same keys
+PATIENT_SCORES = "patient-scores"  # MetricRecord: per-patient mean score vectors, same keys
 
 NUM_EXAMPLES = "num-examples"  # the weighting key for federated averaging
 
@@ -99,6 +100,7 @@ RECORD_TYPES: dict[str, type] = {
     METRICS: _METRIC,
     SCORES: _METRIC,
     VIDEO_SCORES: _METRIC,
+    PATIENT_SCORES: _METRIC,
 }
 
 # (message type, addressee role) -> record names the request may carry. ``MODEL_PREFIX`` stands for
@@ -120,8 +122,8 @@ ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
     (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS}),
     (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS}),
     (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS}),
-    (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES}),
-    (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES}),
+    (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
+    (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
 }
 
 
@@ -188,11 +190,12 @@ def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def flatten_experiment(cfg: ExperimentConfig) -> ConfigRecord:
-    """The experiment as dotted keys (``simmim.optim.lr``), without the federation's ``sites``.
+    """The experiment as dotted keys (``simmim.optim.lr``), without the federation's ``sites`` and
+    the server-side ``study`` (a variant arm is sent as its own, already-applied experiment).
 
     ``None`` values are left out (ConfigRecord has no null; every optional key defaults to None).
     """
-    data = cfg.model_dump(mode="json", exclude={"sites"})
+    data = cfg.model_dump(mode="json", exclude={"sites", "study"})
     flat = flatten_dict(data)
     return ConfigRecord({k: _to_wire(v) for k, v in flat.items() if v is not None})
 
@@ -351,15 +354,21 @@ def pack_eval_reply(
     per_image: Mapping[str, list[float]],
     per_video: Mapping[str, list[float]],
     num_examples: int,
+    per_patient: Mapping[str, list[float]] | None = None,
 ) -> RecordDict:
-    """evaluate.segment reply: scalars and score vectors only."""
-    return RecordDict(
+    """evaluate.segment reply: scalars and score vectors only (per image, video and patient)."""
+    rd = RecordDict(
         {
             METRICS: _metric_record(metrics, num_examples),
             SCORES: MetricRecord({k: [float(x) for x in v] for k, v in per_image.items()}),
             VIDEO_SCORES: MetricRecord({k: [float(x) for x in v] for k, v in per_video.items()}),
         }
     )
+    if per_patient:
+        rd[PATIENT_SCORES] = MetricRecord(
+            {k: [float(x) for x in v] for k, v in per_patient.items()}
+        )
+    return rd
 
 
 def _config_bytes(rec: ConfigRecord) -> int:

@@ -1,0 +1,461 @@
+"""A study over seeds: the paper's Tables 3–8 with statistics that survive video data (issue 7).
+
+Input: the ``results.json`` of one federated run per seed (same sites, same test frames, different
+training seed). Everything here works on the score vectors the sites returned — no frame is needed.
+
+Per evaluated site and method:
+
+- mean ± sd over seeds of the per-image mean DSC / IoU (and of the mean of per-video means);
+- three paired two-sided Wilcoxon tests against ours on the seed-averaged score of each *image*
+  (the paper's test), each *video* and each *patient*. Frames of one video are strongly correlated,
+  so the per-image test overstates the evidence; the per-video test is the one verdicts use;
+- the **noise floor**: the seed-to-seed sd of the lower bound's DSC on that site. A difference no
+  larger than the noise floor is never called a win or a loss, whatever its p-value;
+- the share of the lower→upper gap that ours closes (target sites), from the seed means and per seed.
+
+Plus: the fusion mode chosen on source validation (Table 7), one table per setting a study varies
+(Tables 5 and 6: temperature, frame gap, sampler …), the fused pairs (Table 8), and the same-recipe
+check — two seeds of the lower bound compared with the per-image and the per-video test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from common.config import ExperimentConfig
+from common.fl import protocol as p
+from common.metrics import paired_wilcoxon
+
+SCORES = ("dice", "iou")
+ALPHA = 0.05
+UNITS = ("image", "video", "patient")
+BUILTIN_BRANCH = {
+    "simmim": "simmim",
+    "mtnxent": "contrastive",
+    "simclr": "simclr",
+    p.LOWER: "lower",
+}
+
+
+def _sd(x: Sequence[float]) -> float | None:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else None
+
+
+def _test_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        n: ev
+        for n, ev in results["evaluation"].items()
+        if ev.get("split", "test") == "test" and ":" not in n
+    }
+
+
+def _vectors(runs: list[dict[str, Any]], key: str, unit: str) -> np.ndarray | None:
+    """(seeds, n) score vectors of one "<method>/<score>" key, or None where a run lacks it or the
+    lengths differ (different test sets cannot be paired)."""
+    field = f"per_{unit}"
+    vecs = [ev.get(field, {}).get(key) for ev in runs]
+    if not vecs or any(not v for v in vecs) or len({len(v) for v in vecs}) != 1:
+        return None
+    return np.asarray(vecs, dtype=float)
+
+
+def verdict(delta: float, p_video: float | None, noise: float | None, n_seeds: int) -> str:
+    """How ours compares with a method: ``delta`` = ours − method (mean DSC over seeds).
+
+    A call needs ≥ 2 seeds, |delta| above the noise floor, and per-video p < 0.05."""
+    if n_seeds < 2 or noise is None:
+        return "no call (1 seed: noise floor unknown)"
+    if abs(delta) <= noise:
+        return "within noise"
+    if p_video is None or not math.isfinite(p_video) or p_video >= ALPHA:
+        return "not significant per video"
+    return "ours better" if delta > 0 else "ours worse"
+
+
+def _site_rows(
+    methods: list[str], ours: str, evs: list[dict[str, Any]], role: str
+) -> tuple[dict[str, Any], float | None]:
+    """Rows for one site from its evaluation entry in each seed's run."""
+    rows: dict[str, Any] = {}
+    lower_dice = [
+        float(np.mean(ev["per_image"][f"{p.LOWER}/dice"]))
+        for ev in evs
+        if f"{p.LOWER}/dice" in ev["per_image"]
+    ]
+    noise = _sd(lower_dice) if len(lower_dice) == len(evs) else None
+    for m in methods:
+        have = [ev for ev in evs if f"{m}/dice" in ev["per_image"]]
+        if not have:
+            continue
+        row: dict[str, Any] = {"seeds": len(have)}
+        for s in SCORES:
+            per_seed = [float(np.mean(ev["per_image"][f"{m}/{s}"])) for ev in have]
+            row[s] = float(np.mean(per_seed))
+            row[f"{s}_sd"] = _sd(per_seed)
+            row[f"{s}_per_seed"] = per_seed
+            vid = [
+                float(np.mean(ev["per_video"][f"{m}/{s}"]))
+                for ev in have
+                if ev.get("per_video", {}).get(f"{m}/{s}")
+            ]
+            if len(vid) == len(have):
+                row[f"video_{s}"] = float(np.mean(vid))
+            paired = [ev for ev in have if f"{ours}/{s}" in ev["per_image"]]
+            if m == ours or not paired:
+                continue
+            for unit in UNITS:  # on the seeds that have both (a study's variants may run on fewer)
+                a = _vectors(paired, f"{m}/{s}", unit)
+                b = _vectors(paired, f"{ours}/{s}", unit)
+                if a is None or b is None or a.shape != b.shape or a.shape[1] < 2:
+                    continue
+                pv, st = paired_wilcoxon(a.mean(0), b.mean(0))
+                row[f"p_{unit}_{s}"], row[f"stars_{unit}_{s}"] = pv, st
+                row[f"n_{unit}"] = int(a.shape[1])
+        if m != ours and ours in rows:
+            row["delta_dice"] = rows[ours]["dice"] - row["dice"]
+            row["verdict"] = verdict(
+                row["delta_dice"],
+                row.get("p_video_dice"),
+                noise,
+                min(row["seeds"], rows[ours]["seeds"]),
+            )
+        rows[m] = row
+    return rows, noise
+
+
+def _gap(rows: dict[str, Any], ours: str) -> dict[str, Any] | None:
+    try:
+        o, lo, up = (rows[k]["dice_per_seed"] for k in (ours, p.LOWER, p.UPPER))
+    except KeyError:
+        return None
+    if len(o) != len(lo) or len(o) != len(up):
+        return None
+    per_seed = [
+        (a - b) / (c - b) if c - b > 1e-12 else None for a, b, c in zip(o, lo, up, strict=True)
+    ]
+    lo_m, up_m = rows[p.LOWER]["dice"], rows[p.UPPER]["dice"]
+    return {
+        "gap_dice": up_m - lo_m,
+        "closed": (rows[ours]["dice"] - lo_m) / (up_m - lo_m) if up_m - lo_m > 1e-12 else None,
+        "closed_per_seed": per_seed,
+    }
+
+
+def _same_recipe(evs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Seeds 1 and 2 of the lower bound are the same recipe: what do the tests say about them?"""
+    if len(evs) < 2:
+        return None
+    out: dict[str, Any] = {"method": p.LOWER}
+    for unit in UNITS:
+        a = evs[0].get(f"per_{unit}", {}).get(f"{p.LOWER}/dice")
+        b = evs[1].get(f"per_{unit}", {}).get(f"{p.LOWER}/dice")
+        if a and b and len(a) == len(b) and len(a) > 1:
+            out[f"p_{unit}"] = paired_wilcoxon(a, b)[0]
+            out[f"n_{unit}"] = len(a)
+    return out
+
+
+def _arm_branches(cfg: ExperimentConfig) -> dict[str, str]:
+    arms = dict(BUILTIN_BRANCH)
+    arms.update({v.name: v.branch for v in cfg.study.variants})
+    return arms
+
+
+def _base_arm(branch: str) -> str:
+    return {"simmim": "simmim", "contrastive": "mtnxent", "simclr": "simclr", "lower": p.LOWER}[
+        branch
+    ]
+
+
+def _get(cfg: ExperimentConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def ablations(
+    cfg: ExperimentConfig, rows: dict[str, Any], ours: str, noise: float | None = None
+) -> list[dict[str, Any]]:
+    """One table per setting the study's variants change (seed twins go to the pairs table).
+
+    Each row: arm, setting value, single-model DSC (mean ± sd), Δ vs the branch's base arm with the
+    per-video p, and the DSC of that arm fused with SimMIM where the study ran that pair."""
+    groups: dict[tuple[str, str], list[tuple[Any, str]]] = {}
+    for v in cfg.study.variants:
+        keys = [k for k in v.set if k != "seed"]
+        if not keys:
+            continue
+        key = keys[0] if len(keys) == 1 else "+".join(sorted(keys))
+        groups.setdefault((v.branch, key), []).append(
+            (", ".join(str(v.set[k]) for k in keys), v.name)
+        )
+    tables = []
+    mode = cfg.fusion.default_mode
+    for (branch, key), members in groups.items():
+        base = _base_arm(branch)
+        try:
+            base_value = ", ".join(str(_get(cfg, k)) for k in key.split("+"))
+        except AttributeError:
+            base_value = "base"
+        entries = [(base_value, base), *members]
+        if key == "contrastive.min_frame_gap" and "simclr" in rows:
+            entries.append(("0", "simclr"))
+        out = []
+        for value, arm in entries:
+            if arm not in rows:
+                continue
+            r = rows[arm]
+            fused = ours if arm == "mtnxent" else f"fusion-{mode}[simmim+{arm}]"
+            row = {
+                "arm": arm,
+                "value": value,
+                "dice": r["dice"],
+                "dice_sd": r.get("dice_sd"),
+                "seeds": r["seeds"],
+                "base": arm == base,
+                "fused_dice": rows[fused]["dice"] if fused in rows else None,
+            }
+            if arm != base and base in rows:
+                row["delta_vs_base"] = r["dice"] - rows[base]["dice"]
+                row["beyond_noise"] = None if noise is None else abs(row["delta_vs_base"]) > noise
+            out.append(row)
+        tables.append({"branch": branch, "setting": key, "rows": out})
+    return tables
+
+
+def pairs_table(cfg: ExperimentConfig, rows: dict[str, Any], ours: str) -> list[dict[str, Any]]:
+    """Table 8: the main (heterogeneous) pair and every extra fused pair, default fusion mode."""
+    branches = _arm_branches(cfg)
+    mode = cfg.fusion.default_mode
+    out = []
+    for a, b in [p.FUSION_PAIR, *cfg.study.pairs]:
+        name = ours if (a, b) == p.FUSION_PAIR else f"fusion-{mode}[{a}+{b}]"
+        if name not in rows:
+            continue
+        kind = "homogeneous" if branches.get(a) == branches.get(b) else "heterogeneous"
+        r = rows[name]
+        out.append(
+            {
+                "pair": f"{a} + {b}",
+                "kind": kind,
+                "method": name,
+                "dice": r["dice"],
+                "dice_sd": r.get("dice_sd"),
+                "seeds": r["seeds"],
+                "best_single": max(rows[x]["dice"] for x in (a, b) if x in rows)
+                if a in rows or b in rows
+                else None,
+                "p_video_dice": r.get("p_video_dice"),
+            }
+        )
+    return out
+
+
+def fusion_selection(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Table 7 over seeds: each mode's source-validation DSC (mean over seeds), the mode chosen
+    there, and the test DSC of each mode."""
+    sels = [r.get("fusion_selection") for r in runs if r.get("fusion_selection")]
+    if not sels:
+        return None
+    modes = list(sels[0]["val_dice"])
+    val = {m: float(np.mean([s["val_dice"][m] for s in sels])) for m in modes}
+    best = max(val, key=val.get)  # type: ignore[arg-type]
+    sites = list(sels[0]["test_dice"])
+    test = {
+        n: {m: float(np.mean([s["test_dice"][n][m] for s in sels])) for m in modes} for n in sites
+    }
+    return {
+        "seeds": len(sels),
+        "val_dice": val,
+        "selected": best,
+        "selected_per_seed": [s["selected"] for s in sels],
+        "test_dice": test,
+    }
+
+
+def aggregate(
+    cfg: ExperimentConfig,
+    seeds: Sequence[int],
+    runs: list[dict[str, Any]],
+    walls: Sequence[float] = (),
+) -> dict[str, Any]:
+    """The study from one ``results.json`` per seed (same order as ``seeds``).
+
+    Raises:
+        ValueError: no runs, or runs that evaluated different sites.
+    """
+    if not runs:
+        raise ValueError("a study needs at least one run's results.json")
+    if len(runs) != len(seeds):
+        raise ValueError(f"{len(runs)} results for {len(seeds)} seeds")
+    ours = runs[0]["ours"]
+    methods: list[str] = list(dict.fromkeys(m for r in runs for m in r["methods"]))
+    labels: dict[str, str] = {}
+    for r in runs:
+        labels.update(r["labels"])
+    site_names = list(_test_entries(runs[0]))
+    for r, s in zip(runs, seeds, strict=True):
+        if list(_test_entries(r)) != site_names:
+            raise ValueError(
+                f"seed {s} evaluated sites {list(_test_entries(r))}, seed {seeds[0]} {site_names}"
+            )
+    sites: dict[str, Any] = {}
+    for name in site_names:
+        evs = [_test_entries(r)[name] for r in runs]
+        role = evs[0]["role"]
+        rows, noise = _site_rows(methods, ours, evs, role)
+        m0 = evs[0]["metrics"]
+        sites[name] = {
+            "role": role,
+            "n_images": evs[0]["num_examples"],
+            "n_videos": int(m0.get("n_videos", len(next(iter(evs[0]["per_video"].values()), [])))),
+            "n_patients": int(m0["n_patients"]) if "n_patients" in m0 else None,
+            "n_empty_gt": int(m0.get("n_empty_gt", 0)),
+            "noise_floor": noise,
+            "rows": rows,
+            "gap": _gap(rows, ours) if role == p.TARGET else None,
+            "same_recipe": _same_recipe(evs),
+            "ablations": ablations(cfg, rows, ours, noise),
+            "pairs": pairs_table(cfg, rows, ours),
+        }
+    return {
+        "experiment": cfg.name,
+        "seeds": list(seeds),
+        "ours": ours,
+        "methods": methods,
+        "labels": labels,
+        "sites": sites,
+        "fusion_selection": fusion_selection(runs),
+        "wall_seconds": list(walls),
+        "alpha": ALPHA,
+    }
+
+
+# ---------------------------------------------------------------- rendering
+def _f(x: float | None, nd: int = 4) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    return _f(mean) + ("" if sd is None else f" ± {sd:.4f}")
+
+
+def _pv(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
+
+
+def _yn(x: bool | None) -> str:
+    return "–" if x is None else "yes" if x else "no"
+
+
+def render_markdown(study: dict[str, Any]) -> str:
+    labels, ours = study["labels"], study["ours"]
+    n = len(study["seeds"])
+    lines = [
+        f"# crossprobe study — {study['experiment']}",
+        "",
+        f"Seeds {study['seeds']} (one federated run each; same sites and test frames, different "
+        "training seed). DSC/IoU: mean over seeds of the per-image mean, ± sd over seeds. p: paired "
+        "two-sided Wilcoxon vs ours on the seed-averaged score per image (the paper's test), per "
+        "video and per patient. A verdict needs |Δ| above the noise floor (the lower bound's "
+        "seed-to-seed sd) and per-video p < 0.05.",
+        "",
+    ]
+    if study.get("wall_seconds"):
+        w = study["wall_seconds"]
+        lines += [f"Wall time per seed: {', '.join(f'{x / 60:.1f} min' for x in w)}.", ""]
+    for name, site in study["sites"].items():
+        title = "Target" if site["role"] == p.TARGET else "Source"
+        lines += [
+            f"## {title} test set — {name}",
+            "",
+            f"{site['n_images']} labeled test images in {site['n_videos']} videos"
+            + (f" of {site['n_patients']} patients" if site.get("n_patients") else "")
+            + f"; {site['n_empty_gt']} with empty ground truth. "
+            + f"**Noise floor** (lower bound's seed-to-seed sd of DSC): {_f(site['noise_floor'])}.",
+            "",
+            "| method | seeds | DSC | IoU | video DSC | Δ DSC (ours − method) | p image | p video | p patient | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m, r in site["rows"].items():
+            lines.append(
+                f"| {labels.get(m, m)} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+                f"{_pm(r['iou'], r['iou_sd'])} | {_f(r.get('video_dice'))} | "
+                f"{_f(r.get('delta_dice')) if m != ours else '(ours)'} | {_pv(r.get('p_image_dice'))} | "
+                f"{_pv(r.get('p_video_dice'))} | {_pv(r.get('p_patient_dice'))} | {r.get('verdict', '')} |"
+            )
+        lines.append("")
+        g = site.get("gap")
+        if g and g["closed"] is not None:
+            per = ", ".join("–" if x is None else f"{100 * x:.0f} %" for x in g["closed_per_seed"])
+            lines += [
+                f"Lower→upper gap {g['gap_dice']:.4f} DSC; ours closes **{100 * g['closed']:.0f} %** of it "
+                f"(per seed: {per}; paper: 52 %).",
+                "",
+            ]
+        sr = site.get("same_recipe")
+        if sr and "p_image" in sr:
+            lines += [
+                f"Same recipe, two seeds (lower bound, seed {study['seeds'][0]} vs {study['seeds'][1]}): "
+                f"per-image p = {_pv(sr['p_image'])} (n = {sr['n_image']}), per-video p = "
+                f"{_pv(sr.get('p_video'))} (n = {sr.get('n_video', '–')}), per-patient p = "
+                f"{_pv(sr.get('p_patient'))} (n = {sr.get('n_patient', '–')}).",
+                "",
+            ]
+        for t in site["ablations"]:
+            lines += [
+                f"### {t['setting']} ({t['branch']} branch)",
+                "",
+                "| arm | value | seeds | DSC | Δ vs base | beyond noise floor | fused with SimMIM |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in t["rows"]:
+                base = " (base)" if r["base"] else ""
+                lines.append(
+                    f"| {r['arm']}{base} | {r['value']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+                    f"{_f(r.get('delta_vs_base'))} | {_yn(r.get('beyond_noise'))} | {_f(r['fused_dice'])} |"
+                )
+            lines.append("")
+        if len(site["pairs"]) > 1:
+            lines += [
+                "### Fused pairs (paper Table 8)",
+                "",
+                "| pair | kind | seeds | fused DSC | better single DSC | p video vs ours |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in site["pairs"]:
+                lines.append(
+                    f"| {r['pair']} | {r['kind']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+                    f"{_f(r['best_single'])} | {_pv(r['p_video_dice'])} |"
+                )
+            lines.append("")
+    sel = study.get("fusion_selection")
+    if sel:
+        sites = list(sel["test_dice"])
+        lines += [
+            "## Fusion mode chosen on source validation (paper Table 7)",
+            "",
+            f"Selected over {sel['seeds']} seed(s): **{sel['selected']}** (per seed: "
+            f"{', '.join(sel['selected_per_seed'])}).",
+            "",
+            "| mode | source val DSC | " + " | ".join(f"{s} test DSC" for s in sites) + " |",
+            "|---" * (2 + len(sites)) + "|",
+        ]
+        for m, v in sel["val_dice"].items():
+            mark = " ← selected" if m == sel["selected"] else ""
+            lines.append(
+                f"| {m}{mark} | {v:.4f} | "
+                + " | ".join(f"{sel['test_dice'][s][m]:.4f}" for s in sites)
+                + " |"
+            )
+        lines.append("")
+    if n < 2:
+        lines += ["With one seed there is no noise floor: no difference is called.", ""]
+    return "\n".join(lines)

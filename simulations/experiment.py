@@ -1,0 +1,176 @@
+"""``crossprobe experiment NAME``: a study = one federated run per seed, then the tables (issue 7).
+
+``NAME`` is ``configs/experiments/NAME.yaml`` (or a path). Each seed runs the real federated
+workflow (``crossprobe simulate``) in ``<run-root>/<name>/seed-<s>/`` on site data shared by the
+seeds (``<run-root>/<name>/data``: same frames, so scores pair across seeds); a finished seed whose
+config has not changed is not run again. Then ``server/study.py`` turns the ``results.json`` files
+into ``study.json``, ``study.md`` and figures under ``<run-root>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from common.config import ConfigError, ExperimentConfig, dump_experiment, load_experiment
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+
+
+def resolve(name: str | Path) -> Path:
+    """A path to an experiment YAML, or the name of one in ``configs/experiments``.
+
+    Raises:
+        ConfigError: neither exists (the message lists the known names).
+    """
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"{path}: experiment config not found")
+        return path
+    cand = EXPERIMENTS_DIR / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise ConfigError(f"no experiment {str(name)!r}; known: {', '.join(known)} (or give a path)")
+
+
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The experiment one seed runs: ``seed`` set; on a seed outside ``study.variant_seeds`` only
+    the ``every_seed`` variants (and the pairs whose arms all run)."""
+    study = cfg.study
+    if study.variant_seeds is not None and seed not in study.variant_seeds:
+        keep = tuple(v for v in study.variants if v.every_seed)
+        dropped = {v.name for v in study.variants} - {v.name for v in keep}
+        pairs = tuple(x for x in study.pairs if not dropped & set(x))
+        study = study.model_copy(update={"variants": keep, "pairs": pairs})
+    return cfg.model_copy(update={"seed": seed, "study": study})
+
+
+def _done(run_dir: Path, cfg_text: str) -> bool:
+    cfg_file = run_dir / "experiment.yaml"
+    return (
+        (run_dir / "results.json").is_file()
+        and cfg_file.is_file()
+        and cfg_file.read_text() == cfg_text
+    )
+
+
+def run_experiment(
+    name: str | Path,
+    seeds: list[int] | None = None,
+    run_root: Path = Path("runs/experiments"),
+    fresh: bool = False,
+    cpus_per_site: float = 0.0,
+    timeout: float = 0.0,
+    report_only: bool = False,
+    runner: Callable[..., Any] | None = None,
+    log: Callable[[str], None] = typer.echo,
+) -> Path:
+    """Run (or resume) every seed of a study, then write its tables. Returns the study folder.
+
+    ``runner(config_path, run_dir, fresh, cpus_per_site, timeout, sites_root)`` runs one seed;
+    default ``simulations.simulate.run_simulation`` (the real Flower simulation).
+
+    Raises:
+        ConfigError: unknown experiment or invalid config. FileNotFoundError: ``report_only`` and a
+        seed has no results. ``SimulationError``: a seed's run failed (earlier seeds are kept).
+    """
+    from server.study import aggregate, render_markdown
+
+    path = resolve(name)
+    cfg = load_experiment(path)
+    seeds = list(seeds) if seeds else list(cfg.study.seeds)
+    out = Path(run_root).resolve() / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    if runner is None:
+        from simulations.simulate import run_simulation as runner  # noqa: PLC0415
+    walls: list[float] = []
+    t0 = time.monotonic()
+    for i, seed in enumerate(seeds, 1):
+        run_dir = out / f"seed-{seed}"
+        text = dump_experiment(seed_config(cfg, seed))
+        if report_only or (not fresh and _done(run_dir, text)):
+            if not (run_dir / "results.json").is_file():
+                raise FileNotFoundError(f"{run_dir / 'results.json'}: seed {seed} has not been run")
+            log(
+                f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)}): done earlier, reusing {run_dir}"
+            )
+        else:
+            log(f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)}): running → {run_dir}")
+            if fresh and run_dir.exists():
+                import shutil  # noqa: PLC0415
+
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_file = run_dir / "experiment.yaml"
+            cfg_file.write_text(text)
+            runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
+            elapsed = time.monotonic() - t0
+            left = len(seeds) - i
+            log(
+                f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far"
+                + (
+                    f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)"
+                    if left
+                    else ""
+                )
+            )
+        sim = run_dir / "simulate.json"
+        walls.append(
+            float(json.loads(sim.read_text()).get("seconds", 0.0)) if sim.is_file() else 0.0
+        )
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in seeds]
+    study = aggregate(cfg, seeds, runs, walls)
+    (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / "study.md").write_text(render_markdown(study))
+    try:
+        from server.study_figures import study_figures  # noqa: PLC0415
+
+        study_figures(study, runs, out / "figures")
+    except ImportError:  # pragma: no cover - matplotlib missing: tables only
+        pass
+    log(f"[experiment {cfg.name}] study: {out / 'study.md'}")
+    return out
+
+
+def experiment_command(
+    name: Annotated[
+        str, typer.Argument(help="configs/experiments/NAME.yaml, or a path to a YAML.")
+    ],
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds (default: the study's study.seeds).")
+    ] = "",
+    run_root: Annotated[Path, typer.Option(help="Studies go to RUN_ROOT/<name>/.")] = Path(
+        "runs/experiments"
+    ),
+    fresh: Annotated[bool, typer.Option(help="Rerun every seed from scratch.")] = False,
+    cpus_per_site: Annotated[
+        float, typer.Option(help="CPUs per ClientApp (0 = all, one message at a time).")
+    ] = 0.0,
+    timeout: Annotated[
+        float, typer.Option(help="Give up on a seed after this many seconds (0 = never).")
+    ] = 0.0,
+    report_only: Annotated[
+        bool, typer.Option(help="Only rebuild the tables from finished seeds.")
+    ] = False,
+) -> None:
+    """Run a study: one federated run per seed, then Tables 3–8 with per-video statistics."""
+    from simulations.simulate import SimulationError
+
+    try:
+        parsed = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        raise typer.BadParameter(
+            f"--seeds must be comma-separated integers (got {seeds!r})"
+        ) from None
+    try:
+        run_experiment(name, parsed, run_root, fresh, cpus_per_site, timeout, report_only)
+    except (SimulationError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,93 @@
+"""`crossprobe experiment`: seeds through the federated workflow, then the study tables (issue 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clients.app import app as client_app
+from common.config import ConfigError, load_experiment
+from server.app import app as server_app
+from simulations.experiment import resolve, run_experiment, seed_config
+from tests.fl_harness import run_server, site_grid
+
+
+def in_process_runner(calls: list):
+    """Runs one seed exactly as `crossprobe simulate` does, over the in-process grid (no Ray)."""
+
+    def run(config, run_dir, fresh, cpus, timeout, sites_root):
+        from simulations.sites import ensure_site
+
+        cfg = load_experiment(config)
+        for site in cfg.sites:
+            ensure_site(site, cfg.model.img_size, sites_root, progress=False)
+        run_server(server_app, site_grid(client_app, config, run_dir, sites_root, len(cfg.sites)))
+        calls.append((cfg.seed, [v.name for v in cfg.study.variants]))
+
+    return run
+
+
+def test_smoke_study_runs_every_seed_and_writes_the_tables(tmp_path, flower_identity):
+    # Prepare
+    calls: list = []
+    # Execute
+    out = run_experiment(
+        "smoke", run_root=tmp_path, runner=in_process_runner(calls), log=lambda s: None
+    )
+    # Assert: seed 0 ran the variants, seed 1 only the every-seed baseline
+    assert calls == [(0, ["lower-aug", "tau0.1", "simmim-b"]), (1, ["lower-aug"])]
+    study = json.loads((out / "study.json").read_text())
+    md = (out / "study.md").read_text()
+    target = study["sites"]["telemed"]
+    rows = target["rows"]
+    assert rows["fusion-entropy"]["seeds"] == 2 and rows["lower-aug"]["seeds"] == 2
+    assert rows["tau0.1"]["seeds"] == 1 and rows["fusion-entropy[simmim+simmim-b]"]["seeds"] == 1
+    assert target["noise_floor"] is not None and target["gap"] is not None
+    for m in ("simmim", "lower", "upper"):
+        assert {"p_image_dice", "p_video_dice", "verdict"} <= set(rows[m])
+    assert study["fusion_selection"]["selected"] in ("entropy", "margin", "mean")
+    assert [t["setting"] for t in target["ablations"]] == [
+        "finetune.augment",
+        "contrastive.temperature",
+    ]
+    kinds = {r["pair"]: r["kind"] for r in target["pairs"]}
+    assert kinds == {
+        "simmim + mtnxent": "heterogeneous",
+        "simmim + simmim-b": "homogeneous",
+        "simmim + tau0.1": "heterogeneous",
+    }
+    assert "Noise floor" in md and "Table 7" in md and "Table 8" in md
+    assert (out / "figures" / "dice_by_method.png").stat().st_size > 0
+    assert (out / "figures" / "per_video.png").stat().st_size > 0
+    # the seeds share one copy of the site data
+    assert (out / "data" / "telemed").is_dir() and not (out / "seed-0" / "data").exists()
+
+    # a second call reuses finished seeds and only rebuilds the tables
+    again: list = []
+    run_experiment("smoke", run_root=tmp_path, runner=in_process_runner(again), log=lambda s: None)
+    assert again == []
+
+
+def test_unknown_experiment_names_the_known_ones():
+    with pytest.raises(ConfigError, match="known: .*smoke.*tables"):
+        resolve("nope")
+
+
+def test_seed_config_keeps_every_seed_variants_only_off_the_variant_seeds():
+    cfg = load_experiment("configs/experiments/tables.yaml")
+    assert len(seed_config(cfg, 0).study.variants) == len(cfg.study.variants)
+    one = seed_config(cfg, 1)
+    assert one.seed == 1 and [v.name for v in one.study.variants] == ["lower-aug"]
+    assert one.study.pairs == ()
+
+
+def test_report_only_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="seed 0 has not been run"):
+        run_experiment("smoke", run_root=tmp_path, report_only=True, log=lambda s: None)
+
+
+def test_experiment_configs_load():
+    for path in Path("configs/experiments").glob("*.yaml"):
+        load_experiment(path)
