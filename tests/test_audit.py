@@ -407,6 +407,10 @@ def test_check_refuses_payloads_metrics_and_cards_that_could_carry_a_frame():
         )
     with pytest.raises(audit.ContractViolation, match="more than the 2"):
         audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, ok, cfg, max_list=2)
+    # per-patient means (a study's per-patient test) obey the same bound
+    pat = {"patient-scores": MetricRecord({"a/dice": [0.5] * 4})}
+    with pytest.raises(audit.ContractViolation, match="'patient-scores' is a list of 4"):
+        audit.check("reply", p.EVALUATE_SEGMENT, p.TARGET, reply(**pat), cfg)
     many = audit.describe(
         RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3, "px": [0.0, 1.0]})})
     )

@@ -1,6 +1,9 @@
 """Experiment configs: the shipped YAMLs validate; user mistakes get one clear message."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from common.config import (
     ConfigError,
@@ -8,17 +11,16 @@ from common.config import (
     dump_experiment,
     load_experiment,
     parse_experiment,
+    variant_config,
 )
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "paper", "long"])
 def test_shipped_configs_load(name):
     cfg = load_experiment(f"configs/{name}.yaml")
     assert cfg.name == name
     assert {s.role for s in cfg.sites} == {"source", "target"}
     # round trip through YAML is lossless
-    import yaml
-
     assert parse_experiment(yaml.safe_load(dump_experiment(cfg))) == cfg
 
 
@@ -106,3 +108,64 @@ def test_duplicate_site_names_refused():
     }
     with pytest.raises(ConfigError, match="duplicate"):
         parse_experiment(data, "x.yaml")
+
+
+def test_base_file_is_merged_under_the_experiment(tmp_path):
+    (tmp_path / "parent.yaml").write_text(Path("configs/tiny.yaml").read_text())
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nname: child\ncontrastive: {temperature: 0.1}\n")
+    cfg = load_experiment(child)
+    tiny = load_experiment("configs/tiny.yaml")
+    assert cfg.name == "child" and cfg.contrastive.temperature == 0.1
+    # mappings merge key by key: the rest of contrastive and every other section come from the base
+    assert cfg.contrastive.min_frame_gap == tiny.contrastive.min_frame_gap
+    assert cfg.model == tiny.model and cfg.sites == tiny.sites
+
+
+def test_base_errors_name_the_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="'base' chain loops"):
+        load_experiment(a)
+    a.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml: experiment config not found \(base of"):
+        load_experiment(a)
+
+
+@pytest.mark.parametrize(
+    "study,match",
+    [
+        (
+            {"variants": [{"name": "x", "branch": "contrastive", "set": {"contrastive.temprature": 1}}]},
+            r"set.contrastive.temprature is not a key",
+        ),
+        (
+            {"variants": [{"name": "x", "branch": "simmim", "set": {"model.depth": 1}}]},
+            r"set.model.depth may not change",
+        ),
+        (
+            {"variants": [{"name": "x", "branch": "contrastive", "set": {"contrastive.temperature": -1}}]},
+            r"variant 'x': invalid settings",
+        ),
+        ({"variants": [{"name": "simmim", "branch": "simmim"}]}, "is a built-in arm"),
+        ({"pairs": [["simmim", "nope"]]}, r"study.pairs: 'nope' is not an arm"),
+        (
+            {"variants": [{"name": "a", "branch": "lower"}, {"name": "a", "branch": "lower"}]},
+            "duplicate name",
+        ),
+    ],
+)
+def test_bad_study_names_the_key(tmp_path, study, match):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"base": str(Path("configs/tiny.yaml").resolve()), "study": study}))
+    with pytest.raises(ConfigError, match=match):
+        load_experiment(path)
+
+
+def test_variant_config_applies_only_its_settings():
+    cfg = load_experiment("configs/experiments/tables.yaml")
+    tau = next(v for v in cfg.study.variants if v.name == "tau0.1")
+    vc = variant_config(cfg, tau)
+    assert vc.contrastive.temperature == 0.1 and vc.study.variants == ()
+    assert vc.model_copy(update={"contrastive": cfg.contrastive, "study": cfg.study}) == cfg
