@@ -143,12 +143,14 @@ def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_r
     report = audit.audit_run(run)
     # Assert
     assert report.ok, report.render()
-    assert len(report.ledgers) == 3 and report.checked["matched messages"] == 20
+    # 11 requests + replies: 2 query, 2 pretrain, 4 finetune, 3 evaluate (2 test + source val)
+    assert len(report.ledgers) == 3 and report.checked["matched messages"] == 22
     server = {(ph, d): n for (party, ph, d), n in report.bytes.items() if party == audit.SERVER}
     assert server["pretrain", "in"] == saved("pretrain") == 2 * enc  # SimMIM + MT-NXent encoders
     assert server["finetune", "in"] == saved("finetune") == 4 * mdl  # simmim, mtnxent, lower, upper
     assert server["finetune", "out"] == 2 * enc  # the two encoders go to the source
-    assert server["evaluate", "out"] == 2 * 4 * mdl  # four models to each of two sites
+    # four models to each of two sites' test frames + the fused pair to the source's validation
+    assert server["evaluate", "out"] == (2 * 4 + 2) * mdl
     assert server["evaluate", "in"] == server["discover", "in"] == server["pretrain", "out"] == 0
     assert report.model_bytes == {"encoder": enc, "model": mdl}
     # every site logged the bytes it sent; they add up to what the server received

@@ -137,7 +137,11 @@ def test_base_errors_name_the_files(tmp_path):
     "study,match",
     [
         (
-            {"variants": [{"name": "x", "branch": "contrastive", "set": {"contrastive.temprature": 1}}]},
+            {
+                "variants": [
+                    {"name": "x", "branch": "contrastive", "set": {"contrastive.temprature": 1}}
+                ]
+            },
             r"set.contrastive.temprature is not a key",
         ),
         (
@@ -145,7 +149,11 @@ def test_base_errors_name_the_files(tmp_path):
             r"set.model.depth may not change",
         ),
         (
-            {"variants": [{"name": "x", "branch": "contrastive", "set": {"contrastive.temperature": -1}}]},
+            {
+                "variants": [
+                    {"name": "x", "branch": "contrastive", "set": {"contrastive.temperature": -1}}
+                ]
+            },
             r"variant 'x': invalid settings",
         ),
         ({"variants": [{"name": "simmim", "branch": "simmim"}]}, "is a built-in arm"),
@@ -158,7 +166,9 @@ def test_base_errors_name_the_files(tmp_path):
 )
 def test_bad_study_names_the_key(tmp_path, study, match):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"base": str(Path("configs/tiny.yaml").resolve()), "study": study}))
+    path.write_text(
+        yaml.safe_dump({"base": str(Path("configs/tiny.yaml").resolve()), "study": study})
+    )
     with pytest.raises(ConfigError, match=match):
         load_experiment(path)
 

@@ -32,6 +32,35 @@ def test_flwr_run_simulation_on_tiny_completes_and_cleans_up(tmp_path, monkeypat
 
     audit = audit_run(run_dir)
     assert audit.ok, audit.render()
-    assert len(audit.ledgers) == 3 and audit.checked["matched messages"] == 20
+    # 11 requests and their replies: 2 query, 2 pretrain, 4 finetune, 3 evaluate (2 test + source val)
+    assert len(audit.ledgers) == 3 and audit.checked["matched messages"] == 22
     runs = [e for _, e in audit.ledgers[0].entries if e.get("event") == "run"]
     assert runs and runs[0]["run_id"] == summary["run_id"]
+
+
+@pytest.mark.slow
+def test_experiment_cli_runs_a_seed_with_variants_through_flower(tmp_path, monkeypatch):
+    # Prepare
+    from typer.testing import CliRunner
+
+    from common.fl.audit import audit_run
+    from simulations.cli import _register, app
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "user-flwr-home-untouched"))
+    _register()
+    # Execute: `crossprobe experiment smoke --seeds 0` (the variants run on seed 0)
+    res = CliRunner().invoke(
+        app,
+        ["experiment", "smoke", "--seeds", "0", "--run-root", str(tmp_path), "--timeout", "540"],
+    )
+    # Assert
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "smoke"
+    assert started_processes(out / "seed-0" / ".flwr") == []
+    study = json.loads((out / "study.json").read_text())
+    rows = study["sites"]["telemed"]["rows"]
+    assert {"tau0.1", "simmim-b", "lower-aug", "fusion-entropy[simmim+simmim-b]"} <= set(rows)
+    assert "no difference is called" in (out / "study.md").read_text()  # one seed: no verdicts
+    # the variant arms crossed under the same contract: the audit of that run is clean
+    audit = audit_run(out / "seed-0")
+    assert audit.ok, audit.render()

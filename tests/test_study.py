@@ -19,8 +19,12 @@ def _run(scores: dict[str, np.ndarray], videos: list[int], patients: list[int]) 
     for m, v in scores.items():
         for s, x in (("dice", v), ("iou", v / (2 - v))):
             per_image[f"{m}/{s}"] = list(map(float, x))
-            per_video[f"{m}/{s}"] = [float(x[np.asarray(videos) == g].mean()) for g in dict.fromkeys(videos)]
-            per_patient[f"{m}/{s}"] = [float(x[np.asarray(patients) == g].mean()) for g in dict.fromkeys(patients)]
+            per_video[f"{m}/{s}"] = [
+                float(x[np.asarray(videos) == g].mean()) for g in dict.fromkeys(videos)
+            ]
+            per_patient[f"{m}/{s}"] = [
+                float(x[np.asarray(patients) == g].mean()) for g in dict.fromkeys(patients)
+            ]
     return {
         "ours": OURS,
         "methods": list(scores),
@@ -30,7 +34,11 @@ def _run(scores: dict[str, np.ndarray], videos: list[int], patients: list[int]) 
                 "role": "target",
                 "split": "test",
                 "num_examples": len(videos),
-                "metrics": {"n_videos": len(set(videos)), "n_patients": len(set(patients)), "n_empty_gt": 0},
+                "metrics": {
+                    "n_videos": len(set(videos)),
+                    "n_patients": len(set(patients)),
+                    "n_empty_gt": 0,
+                },
                 "per_image": per_image,
                 "per_video": per_video,
                 "per_patient": per_patient,
@@ -50,10 +58,15 @@ def _study(shift: float, lower_jitter: float, n_seeds: int = 3, video_effect: bo
     runs = []
     for s in range(n_seeds):
         lower = base + lower_jitter * (s - 1)
-        eff = (rng.normal(shift, 0.05, 12)[VIDEOS] if video_effect else shift)
+        eff = rng.normal(shift, 0.05, 12)[VIDEOS] if video_effect else shift
         runs.append(
             _run(
-                {OURS: lower + eff, "simmim": lower + eff / 2, "lower": lower, "upper": lower + 0.2},
+                {
+                    OURS: lower + eff,
+                    "simmim": lower + eff / 2,
+                    "lower": lower,
+                    "upper": lower + 0.2,
+                },
                 VIDEOS,
                 PATIENTS,
             )
