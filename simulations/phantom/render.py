@@ -37,7 +37,7 @@ class VideoSpec:
     n_frames: int
     img_size: int  # output width in px; height follows the device's aspect ratio
     seed: int | tuple[int, ...]
-    difficulty: float = 1.0
+    difficulty: float = 1.0  # the sites' default is common.config.DEFAULT_DIFFICULTY
     band_mm: float | None = 2.0  # None: label everything below the surface ("full")
 
 
