@@ -227,3 +227,17 @@ def test_ensure_site_regenerates_when_the_config_changes(tmp_path: Path):
     p = ensure_site(_site(frames_per_video=4), 64, tmp_path, progress=False)
     # Assert
     assert len(load_site(p).rows) == 24
+
+
+def test_calibration_probe_measures_the_lower_upper_gap(tmp_path):
+    # the probe that set the default difficulty runs the real stages on freshly rendered sites
+    from simulations.phantom.calibrate import probe
+
+    res = probe(Path("configs/tiny.yaml"), 0.5, [0], tmp_path)
+    (row,) = res["rows"]
+    assert 0.0 <= row["lower"] <= 1.0 and 0.0 <= row["upper"] <= 1.0
+    assert row["gap"] == pytest.approx(row["upper"] - row["lower"])
+    assert res["difficulty"] == 0.5 and res["gap_sd"] is None
+    # the sites were rendered at the probed difficulty
+    meta = (tmp_path / "d0.5" / "data" / "telemed" / "dataset.yaml").read_text()
+    assert "difficulty: 0.5" in meta and "difficulty: 2.0" not in meta
