@@ -16,4 +16,11 @@ def pretrain(req: StageRequest, site: LocalSite):
 
     # a study's variant arms pretrain the same branch under their own name (req.arm)
     out_dir = site.out_dir / f"pretrain-{req.arm or req.branch}-r{req.round}"
-    return stages.pretrain(req.cfg, req.branch, load_data(site), out_dir, init_encoder=req.encoder)
+    return stages.pretrain(
+        req.cfg,
+        req.branch,
+        load_data(site),
+        out_dir,
+        init_encoder=req.encoder,
+        name=req.arm or None,
+    )

@@ -162,6 +162,7 @@ def pretrain(
     out_dir: Path,
     init_encoder: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> StageResult:
     """Self-supervised pretraining on the site's train frames (labels, if any, are ignored).
 
@@ -169,6 +170,7 @@ def pretrain(
         branch: "simmim" (masked L1 over masked pixels), "contrastive" (MT-NXent with
             ``cfg.contrastive``) or "simclr" (the same with min_frame_gap = 0).
         init_encoder: continue from these encoder weights (later federated rounds).
+        name: the arm's name in progress lines (a study's variants share a branch).
     Returns:
         StageResult with the encoder weights only (decoder / projection head stay in ``out_dir``).
     Raises:
@@ -218,7 +220,7 @@ def pretrain(
         step,
         loader,
         opt,
-        **_fit_kwargs(cfg, optim, device, f"pretrain:{branch}", out_dir, progress),
+        **_fit_kwargs(cfg, optim, device, f"pretrain:{name or branch}", out_dir, progress),
     )
     torch.save(
         model.state_dict(), out_dir / "model_local.pt"
