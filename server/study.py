@@ -91,7 +91,10 @@ def _site_rows(
         have = [ev for ev in evs if f"{m}/dice" in ev["per_image"]]
         if not have:
             continue
-        row: dict[str, Any] = {"seeds": len(have)}
+        row: dict[str, Any] = {
+            "seeds": len(have),
+            "seed_index": [i for i, ev in enumerate(evs) if f"{m}/dice" in ev["per_image"]],
+        }
         for s in SCORES:
             per_seed = [float(np.mean(ev["per_image"][f"{m}/{s}"])) for ev in have]
             row[s] = float(np.mean(per_seed))
@@ -116,7 +119,8 @@ def _site_rows(
                 row[f"p_{unit}_{s}"], row[f"stars_{unit}_{s}"] = pv, st
                 row[f"n_{unit}"] = int(a.shape[1])
         if m != ours and ours in rows:
-            row["delta_dice"] = rows[ours]["dice"] - row["dice"]
+            # on the seeds both ran (a variant may run on fewer seeds than ours)
+            row["delta_dice"] = on_seeds(rows[ours], row["seed_index"]) - row["dice"]
             row["verdict"] = verdict(
                 row["delta_dice"],
                 row.get("p_video_dice"),
@@ -125,6 +129,13 @@ def _site_rows(
             )
         rows[m] = row
     return rows, noise
+
+
+def on_seeds(row: dict[str, Any], index: list[int]) -> float:
+    """A method's mean DSC over the given seed indices (those it shares with another method)."""
+    by = dict(zip(row["seed_index"], row["dice_per_seed"], strict=True))
+    common = [by[i] for i in index if i in by]
+    return float(np.mean(common)) if common else float("nan")
 
 
 def _gap(rows: dict[str, Any], ours: str) -> dict[str, Any] | None:
@@ -221,7 +232,7 @@ def ablations(
                 "fused_dice": rows[fused]["dice"] if fused in rows else None,
             }
             if arm != base and base in rows:
-                row["delta_vs_base"] = r["dice"] - rows[base]["dice"]
+                row["delta_vs_base"] = r["dice"] - on_seeds(rows[base], r["seed_index"])
                 row["beyond_noise"] = None if noise is None else abs(row["delta_vs_base"]) > noise
             out.append(row)
         tables.append({"branch": branch, "setting": key, "rows": out})
@@ -247,7 +258,8 @@ def pairs_table(cfg: ExperimentConfig, rows: dict[str, Any], ours: str) -> list[
                 "dice": r["dice"],
                 "dice_sd": r.get("dice_sd"),
                 "seeds": r["seeds"],
-                "best_single": max(rows[x]["dice"] for x in (a, b) if x in rows)
+                # on the seeds the pair ran
+                "best_single": max(on_seeds(rows[x], r["seed_index"]) for x in (a, b) if x in rows)
                 if a in rows or b in rows
                 else None,
                 "p_video_dice": r.get("p_video_dice"),
@@ -413,7 +425,7 @@ def render_markdown(study: dict[str, Any]) -> str:
             lines += [
                 f"### {t['setting']} ({t['branch']} branch)",
                 "",
-                "| arm | value | seeds | DSC | Δ vs base | beyond noise floor | fused with SimMIM |",
+                "| arm | value | seeds | DSC | Δ vs base (same seeds) | beyond noise floor | fused with SimMIM |",
                 "|---|---|---|---|---|---|---|",
             ]
             for r in t["rows"]:
@@ -427,7 +439,7 @@ def render_markdown(study: dict[str, Any]) -> str:
             lines += [
                 "### Fused pairs (paper Table 8)",
                 "",
-                "| pair | kind | seeds | fused DSC | better single DSC | p video vs ours |",
+                "| pair | kind | seeds | fused DSC | better single DSC (same seeds) | p video vs ours |",
                 "|---|---|---|---|---|---|",
             ]
             for r in site["pairs"]:

@@ -52,6 +52,12 @@ def test_smoke_study_runs_every_seed_and_writes_the_tables(tmp_path, flower_iden
         "finetune.augment",
         "contrastive.temperature",
     ]
+    # a one-seed variant is compared with its base arm on that same seed, not on the 2-seed mean
+    tau = next(r for t in target["ablations"] for r in t["rows"] if r["arm"] == "tau0.1")
+    base0 = rows["mtnxent"]["dice_per_seed"][0]
+    assert tau["delta_vs_base"] == pytest.approx(rows["tau0.1"]["dice"] - base0)
+    ours0 = rows["fusion-entropy"]["dice_per_seed"][0]
+    assert rows["tau0.1"]["delta_dice"] == pytest.approx(ours0 - rows["tau0.1"]["dice"])
     kinds = {r["pair"]: r["kind"] for r in target["pairs"]}
     assert kinds == {
         "simmim + mtnxent": "heterogeneous",
