@@ -241,7 +241,7 @@ def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
 
 
 # ------------------------------------------------------------------ smuggling, refused on the site
-def _honest_pretrain(cfg, branch, data, out_dir, init_encoder=None):
+def _honest_pretrain(cfg, branch, data, out_dir, init_encoder=None, progress=True, name=None):
     """Stand-in for stages.pretrain: a fresh model's encoder weights, no training (fast)."""
     from common.models import build_transunet, encoder_state_dict
     from common.stages import StageResult
