@@ -40,8 +40,8 @@ COPY . .
 RUN pip install --no-deps -e . \
  && mkdir -p /app/.flwr /certs /data /outputs /results /state \
  && chown -R ${UID}:${UID} /app/.flwr /outputs /results /state \
- && python -c "import flwr, torch, timm, common, server, clients, simulations.deploy"
+ && python -c "import flwr, torch, timm, crossprobe.cli, common, server, clients, deploy, simulations"
 
 USER ${UID}:${UID}
-# compose gives each service its command (simulations/deploy.py writes them)
+# compose gives each service its command (deploy/argv.py writes them)
 CMD ["crossprobe", "--help"]

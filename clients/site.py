@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
-from common.fl import protocol
+from common.fl.contract import ROLES
 
 _STATE = "crossprobe-site"  # node-local state record (context.state never leaves the node)
 
@@ -71,8 +71,8 @@ def resolve_site(
             "this SuperNode does not know its site: start it with "
             '--node-config \'site="NAME" role="source|target" data-dir="/path"\''
         )
-    if role not in protocol.ROLES:
-        raise SiteSetupError(f"site {name!r}: role must be one of {protocol.ROLES} (got {role!r})")
+    if role not in ROLES:
+        raise SiteSetupError(f"site {name!r}: role must be one of {ROLES} (got {role!r})")
     context.state[_STATE] = ConfigRecord(
         {"name": name, "role": role, "data-dir": str(data_dir), "out-dir": str(out)}
     )
@@ -80,9 +80,9 @@ def resolve_site(
 
 
 def known_site(context: Context):
-    """The site this node already knows it is (``common.fl.audit.SiteInfo``), or None before its
+    """The site this node already knows it is (``common.fl.guard.SiteInfo``), or None before its
     first ``query.site`` in simulation. For the guard and the site's ledger."""
-    from common.fl.audit import SiteInfo
+    from common.fl.guard import SiteInfo
 
     try:
         site = resolve_site(context)

@@ -53,7 +53,7 @@ def autocast(device: torch.device | str, bf16: bool) -> contextlib.AbstractConte
 def to_device(
     batch: Mapping[str, Any], device: torch.device | str, channels_last: bool = False
 ) -> dict[str, Any]:
-    """Move every tensor of a batch dict to ``device`` (4-D float tensors channels-last if asked)."""
+    """Move every tensor of a batch to ``device`` (4-D float tensors channels-last if asked)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -182,6 +182,191 @@ def evaluate_loss(
     return total / max(n, 1)
 
 
+def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> None:
+    """Move ``model`` to ``device`` (channels-last if asked) and put it in train mode."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+
+
+def _plan_steps(
+    train_loader: Iterable, epochs: int, max_steps: int | None, phase: str
+) -> tuple[int, int]:
+    """(optimiser steps, epochs) of a fit: ``max_steps`` caps ``epochs`` worth of steps, and more
+    epochs are run when ``max_steps`` needs them. Raises ValueError for empty training data."""
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = max_steps or 1
+    if steps_per_epoch == 0:
+        raise ValueError(f"[{phase}] the training data is empty")
+    total = (
+        epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    )
+    # enough epochs to reach max_steps when an epoch is short
+    if max_steps is not None and max_steps > epochs * steps_per_epoch:
+        total = max_steps
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    return total, epochs
+
+
+def _set_warmup_lr(
+    optimizer: torch.optim.Optimizer, base_lrs: list[float], step_i: int, warmup_steps: int
+) -> None:
+    """Linear warm-up: during the first ``warmup_steps`` steps the learning rate of each parameter
+    group ramps up to its base rate (step ``step_i`` uses ``(step_i + 1) / warmup_steps`` of it)."""
+    if warmup_steps and step_i < warmup_steps:
+        for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * (step_i + 1) / warmup_steps
+
+
+def _optimizer_step(
+    step: Step,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    device: torch.device,
+    bf16: bool,
+    phase: str,
+    step_i: int,
+) -> dict[str, torch.Tensor]:
+    """Forward ``step(batch)`` (autocast), backward its loss and step ``optimizer``; return the
+    step's outputs. Raises FloatingPointError when the loss is not finite."""
+    with autocast(device, bf16):
+        out = step(batch)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"[{phase}] loss became {float(loss.detach())} at step {step_i + 1}"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out
+
+
+@dataclass
+class _TrainState:
+    """A fit's counters, its loss history and its progress line, updated step by step."""
+
+    total: int  # optimiser steps to run
+    epochs: int
+    progress: Progress
+    steps: int = 0
+    images: int = 0
+    epoch: int = 0
+    recent: list[float] = field(default_factory=list)  # the last 10 training losses
+    history: list[dict[str, float]] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # wall time, set by stop_clock()
+
+    def log_step(self, out: dict[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
+        """Count a finished optimiser step on ``batch``, record its losses, report progress."""
+        self.steps += 1
+        self.images += _batch_size(batch)
+        lv = float(out["loss"].detach())
+        self.recent = (self.recent + [lv])[-10:]
+        self.history.append(
+            {
+                "step": float(self.steps),
+                "loss": lv,
+                **{k: float(v) for k, v in out.items() if k != "loss"},
+            }
+        )
+        self.progress.update(self.steps, self.epoch, self.epochs, lv, self.images)
+
+    def stop_clock(self) -> None:
+        """Record the wall time of the fit and print the final progress line."""
+        self.seconds = time.perf_counter() - self.t0
+        last = self.recent[-1] if self.recent else float("nan")
+        self.progress.update(self.steps, self.epoch, self.epochs, last, self.images, force=True)
+
+    def result(self, validation: _Validation) -> FitResult:
+        """The fit's summary: counts, wall time, mean of the last 10 losses, best validation."""
+        return FitResult(
+            steps=self.steps,
+            epochs=self.epoch,
+            seconds=self.seconds,
+            images=self.images,
+            train_loss=sum(self.recent) / max(len(self.recent), 1),
+            best_val=validation.best_val,
+            best_step=validation.best_step,
+            history=self.history,
+        )
+
+
+class _Validation:
+    """Validation during a fit: scores the current weights and keeps the best (lowest-loss) ones,
+    in ``path`` (a safetensors file) when given, else as a copy in memory."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step: Step,
+        loader: Iterable | None,
+        device: torch.device,
+        bf16: bool,
+        channels_last: bool,
+        path: Path | None,
+    ):
+        self.model, self.step, self.loader, self.path = model, step, loader, path
+        self.device, self.bf16, self.channels_last = device, bf16, channels_last
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.best_mem: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, state: _TrainState) -> None:
+        """Validate now (no-op without validation data): log the loss, keep the weights if best."""
+        if self.loader is None:
+            return
+        v = evaluate_loss(
+            self.model, self.step, self.loader, self.device, self.bf16, self.channels_last
+        )
+        state.history.append({"step": float(state.steps), "val_loss": v})
+        if self.best_val is None or v < self.best_val:
+            self.best_val, self.best_step = v, state.steps
+            self._keep_weights()
+
+    def _keep_weights(self) -> None:
+        state_dict = self.model.state_dict()
+        if self.path is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: t.contiguous() for k, t in state_dict.items()}, str(self.path))
+        else:
+            self.best_mem = {k: t.detach().clone() for k, t in state_dict.items()}
+
+    def restore_best(self) -> None:
+        """Load the best weights back into the model (if any validation ran)."""
+        if self.best_val is None:
+            return
+        if self.path is not None:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(str(self.path), device=str(self.device)))
+        elif self.best_mem is not None:
+            self.model.load_state_dict(self.best_mem)
+
+
+def _train_epoch(
+    loader: Iterable,
+    state: _TrainState,
+    train_on: Callable[[Mapping[str, Any]], None],
+    validate: _Validation,
+    val_every: int,
+) -> None:
+    """One pass over ``loader`` (stopping at the step budget); validate every ``val_every`` steps,
+    or once at the end of the epoch when ``val_every`` is 0."""
+    for batch in loader:
+        if state.steps >= state.total:
+            break
+        train_on(batch)
+        if val_every and state.steps % val_every == 0:
+            validate(state)
+    if not val_every:
+        validate(state)
+
+
 def fit(
     model: nn.Module,
     step: Step,
@@ -199,9 +384,8 @@ def fit(
     phase: str = "train",
     out_dir: Path | None = None,
     progress: bool = True,
-    grad_clip: float | None = None,
 ) -> FitResult:
-    """Train ``model`` with ``step``; keep (and finally restore) the best checkpoint by validation loss.
+    """Train ``model`` with ``step``; the best checkpoint by validation loss is kept and restored.
 
     Args:
         step: batch (already on ``device``) -> {"loss": scalar, ...}; extra entries are logged.
@@ -215,110 +399,28 @@ def fit(
         the best validation loss.
     """
     device = torch.device(device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
-    try:
-        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = max_steps or 1
-    if steps_per_epoch == 0:
-        raise ValueError(f"[{phase}] the training data is empty")
-    total = (
-        epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    )
-    # enough epochs to reach max_steps when an epoch is short
-    if max_steps is not None and max_steps > epochs * steps_per_epoch:
-        total = max_steps
-        epochs = math.ceil(max_steps / steps_per_epoch)
+    _prepare_model(model, device, channels_last)
+    total, epochs = _plan_steps(train_loader, epochs, max_steps, phase)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    prog = Progress(phase, total, enabled=progress)
-    best_val: float | None = None
-    best_step: int | None = None
-    best_mem: dict[str, torch.Tensor] | None = None
+    state = _TrainState(total, epochs, Progress(phase, total, enabled=progress))
     best_path = out_dir / "best.safetensors" if out_dir is not None else None
-    history: list[dict[str, float]] = []
-    recent: list[float] = []
-    step_i, images, epoch = 0, 0, 0
-    t0 = time.perf_counter()
+    validate = _Validation(model, step, val_loader, device, bf16, channels_last, best_path)
 
-    def validate() -> None:
-        nonlocal best_val, best_step, best_mem
-        if val_loader is None:
-            return
-        v = evaluate_loss(model, step, val_loader, device, bf16, channels_last)
-        history.append({"step": float(step_i), "val_loss": v})
-        if best_val is None or v < best_val:
-            best_val, best_step = v, step_i
-            if best_path is not None:
-                from safetensors.torch import save_file
+    def train_on(batch: Mapping[str, Any]) -> None:
+        batch = to_device(batch, device, channels_last)
+        _set_warmup_lr(optimizer, base_lrs, state.steps, warmup_steps)
+        out = _optimizer_step(step, optimizer, batch, device, bf16, phase, state.steps)
+        state.log_step(out, batch)
 
-                save_file(
-                    {k: t.contiguous() for k, t in model.state_dict().items()}, str(best_path)
-                )
-            else:
-                best_mem = {k: t.detach().clone() for k, t in model.state_dict().items()}
-
-    while step_i < total:
-        epoch += 1
-        _set_epoch(train_loader, epoch)
-        for batch in train_loader:
-            if step_i >= total:
-                break
-            batch = to_device(batch, device, channels_last)
-            if warmup_steps and step_i < warmup_steps:
-                for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    g["lr"] = lr * (step_i + 1) / warmup_steps
-            with autocast(device, bf16):
-                out = step(batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"[{phase}] loss became {float(loss.detach())} at step {step_i + 1}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            step_i += 1
-            images += _batch_size(batch)
-            lv = float(loss.detach())
-            recent = (recent + [lv])[-10:]
-            history.append(
-                {
-                    "step": float(step_i),
-                    "loss": lv,
-                    **{k: float(v) for k, v in out.items() if k != "loss"},
-                }
-            )
-            prog.update(step_i, epoch, epochs, lv, images)
-            if val_every and step_i % val_every == 0:
-                validate()
-        if not val_every:
-            validate()
-    if val_every and step_i % val_every:
-        validate()  # the final weights are a candidate too
-    seconds = time.perf_counter() - t0
-    prog.update(step_i, epoch, epochs, recent[-1] if recent else float("nan"), images, force=True)
-    if best_val is not None:
-        if best_path is not None:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(best_path), device=str(device)))
-        elif best_mem is not None:
-            model.load_state_dict(best_mem)
-    result = FitResult(
-        steps=step_i,
-        epochs=epoch,
-        seconds=seconds,
-        images=images,
-        train_loss=sum(recent) / max(len(recent), 1),
-        best_val=best_val,
-        best_step=best_step,
-        history=history,
-    )
+    while state.steps < total:
+        state.epoch += 1
+        _set_epoch(train_loader, state.epoch)
+        _train_epoch(train_loader, state, train_on, validate, val_every)
+    if val_every and state.steps % val_every:
+        validate(state)  # the final weights are a candidate too
+    state.stop_clock()
+    validate.restore_best()
+    result = state.result(validate)
     if out_dir is not None:
         write_history(result, out_dir, phase)
     return result

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from scipy.stats import wilcoxon
 
+SCORES = ("dice", "iou")  # every method is scored per image with both (keys "<method>/<score>")
+
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image Dice and IoU with smoothing 1 (empty vs empty = 1).

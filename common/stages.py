@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common import arms
 from common.config import ExperimentConfig, SimMIMConfig
 from common.engine import Step, autocast, fit, make_optimizer, to_device
 from common.fusion import fuse
@@ -36,10 +37,6 @@ from common.models import (
 
 if TYPE_CHECKING:
     from common.data.manifest import SiteData
-
-BRANCHES = ("simmim", "contrastive", "simclr")
-CONTRASTIVE_PREFIXES = ("mtnxent", "simclr", "contrastive")
-
 
 @dataclass
 class StageResult:
@@ -155,6 +152,38 @@ def segmentation_step(model: torch.nn.Module, loss_fn: DiceBCELoss) -> Step:
     return step
 
 
+def _simmim_setup(cfg: ExperimentConfig, site: SiteData, gen: torch.Generator):
+    """(model, dataset, loader, step, optimiser config) of the SimMIM branch."""
+    from common.data.datasets import FrameDataset
+
+    scfg, size = cfg.simmim, cfg.model.img_size
+    model = SimMIMModel(cfg.model)
+    ds = FrameDataset(site, "train", size)
+    loader = _loader(ds, scfg.optim.batch_size, cfg, gen)
+    step = simmim_step(model, scfg, size, torch.Generator().manual_seed(cfg.seed + 1))
+    return model, ds, loader, step, scfg.optim
+
+
+def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: torch.Generator):
+    """(model, dataset, loader, step, optimiser config) of MT-NXent, or of SimCLR (gap 0)."""
+    from common.data.datasets import PairDataset, VideoBatchSampler
+
+    ccfg = cfg.contrastive
+    if branch == arms.SIMCLR:
+        ccfg = ccfg.model_copy(update={"min_frame_gap": 0})
+    optim = ccfg.optim
+    model = ContrastiveModel(cfg.model)
+    ds = PairDataset(site, "train", cfg.model.img_size, ccfg, seed=cfg.seed)
+    sampler = None
+    if ccfg.sampler == "video":
+        sampler = VideoBatchSampler(
+            ds.video_ids, min(optim.batch_size, len(ds)), ccfg.frames_per_video, cfg.seed
+        )
+    loader = _loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
+    step = contrastive_step(model, MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap))
+    return model, ds, loader, step, optim
+
+
 def pretrain(
     cfg: ExperimentConfig,
     branch: str,
@@ -176,60 +205,37 @@ def pretrain(
     Raises:
         ValueError: unknown branch or no train frames.
     """
-    from common.data.datasets import FrameDataset, PairDataset, VideoBatchSampler
-
-    if branch not in BRANCHES:
-        raise ValueError(f"unknown pretraining branch {branch!r}; expected one of {BRANCHES}")
+    if branch not in arms.PRETRAIN_BRANCHES:
+        raise ValueError(
+            f"unknown pretraining branch {branch!r}; expected one of {arms.PRETRAIN_BRANCHES}"
+        )
     device = _setup(cfg)
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = cfg.model.img_size
-    if branch == "simmim":
-        scfg = cfg.simmim
-        optim = scfg.optim
-        model = SimMIMModel(cfg.model)
-        ds = FrameDataset(site, "train", size)
-        loader = _loader(ds, optim.batch_size, cfg, gen)
-        step = simmim_step(model, scfg, size, torch.Generator().manual_seed(cfg.seed + 1))
-
+    if branch == arms.SIMMIM:
+        model, ds, loader, step, optim = _simmim_setup(cfg, site, gen)
     else:
-        ccfg = (
-            cfg.contrastive
-            if branch == "contrastive"
-            else cfg.contrastive.model_copy(update={"min_frame_gap": 0})
-        )
-        optim = ccfg.optim
-        model = ContrastiveModel(cfg.model)
-        ds = PairDataset(site, "train", size, ccfg, seed=cfg.seed)
-        sampler = None
-        if ccfg.sampler == "video":
-            sampler = VideoBatchSampler(
-                ds.video_ids, min(optim.batch_size, len(ds)), ccfg.frames_per_video, cfg.seed
-            )
-        loader = _loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
-        step = contrastive_step(model, MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap))
-
+        model, ds, loader, step, optim = _contrastive_setup(cfg, branch, site, gen)
     if len(ds) == 0:
         raise ValueError(f"site {site.name!r} has no train frames to pretrain on")
     if init_encoder is not None:
         load_encoder(model, init_encoder)
     opt = make_optimizer(model.parameters(), optim)
-    res = fit(
-        model,
-        step,
-        loader,
-        opt,
-        **_fit_kwargs(cfg, optim, device, f"pretrain:{name or branch}", out_dir, progress),
-    )
-    torch.save(
-        model.state_dict(), out_dir / "model_local.pt"
-    )  # decoder/projection head: never shipped
+    phase = f"pretrain:{name or branch}"
+    res = fit(model, step, loader, opt, **_fit_kwargs(cfg, optim, device, phase, out_dir, progress))
+    # the decoder / projection head stay at the site, never shipped
+    torch.save(model.state_dict(), out_dir / "model_local.pt")
     return StageResult(encoder_state_dict(model.cpu()), res.metrics(), len(ds))
 
 
-def is_contrastive_arm(arm: str) -> bool:
-    return arm.startswith(CONTRASTIVE_PREFIXES)
+def _weight_decay(cfg: ExperimentConfig, arm: str, branch: str | None) -> float:
+    """Arms fine-tuned from a contrastive encoder use ``finetune.weight_decay_contrastive``.
+    ``branch`` None: the branch of a built-in arm (``mtnxent`` -> contrastive), else none."""
+    if branch is None:
+        branch = next((b.name for b in arms.BRANCHES.values() if b.arm == arm), "")
+    contrastive = bool(branch) and arms.branch(branch).contrastive
+    return cfg.finetune.weight_decay_contrastive if contrastive else cfg.finetune.optim.weight_decay
 
 
 def finetune(
@@ -240,15 +246,16 @@ def finetune(
     arm: str,
     init_model: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
-    contrastive: bool | None = None,
+    branch: str | None = None,
 ) -> StageResult:
     """Supervised TransUNet training on the site's labeled train frames with DiceBCE.
 
     Only ``encoder`` tensors are loaded into a fresh model (decoder and head random); ``None`` is the
     lower bound (random init, or ``cfg.model.checkpoint`` when set). ``init_model`` (a whole model
-    from a previous federated round) takes precedence. Contrastive arms (``contrastive``, or when
-    None an arm named mtnxent*/simclr*) use ``cfg.finetune.weight_decay_contrastive``. The checkpoint with the lowest validation DiceBCE is
-    kept and returned; a site without labeled validation frames keeps the last one.
+    from a previous federated round) takes precedence. ``branch`` is the branch the encoder came
+    from (its weight decay: docs/method.md, "Fine-tuning"). The checkpoint with the lowest
+    validation DiceBCE is kept and returned; a site without labeled validation frames keeps the
+    last one.
 
     Raises:
         EncoderMismatchError: ``encoder`` does not fit the model.
@@ -260,9 +267,8 @@ def finetune(
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fcfg = cfg.finetune
+    fcfg, size = cfg.finetune, cfg.model.img_size
     optim = fcfg.optim
-    size = cfg.model.img_size
     if not site.select(split="train", labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled train frames to fine-tune on")
     train = SegDataset(site, "train", size, augment=fcfg.augment, seed=cfg.seed)
@@ -273,15 +279,10 @@ def finetune(
     elif encoder is not None:
         load_encoder(model, encoder)
     step = segmentation_step(model, DiceBCELoss())
-    if contrastive is None:
-        contrastive = is_contrastive_arm(arm)
-    wd = fcfg.weight_decay_contrastive if contrastive else optim.weight_decay
-    opt = make_optimizer(model.parameters(), optim, weight_decay=wd)
-    val_loader = (
-        _loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
-        if val is not None
-        else None
-    )
+    opt = make_optimizer(model.parameters(), optim, weight_decay=_weight_decay(cfg, arm, branch))
+    val_loader = None
+    if val is not None:
+        val_loader = _loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
     res = fit(
         model,
         step,
@@ -293,14 +294,120 @@ def finetune(
     )
     metrics = res.metrics()
     metrics["labeled_val_frames"] = float(len(val) if val is not None else 0)
-    return StageResult(
-        {k: v.detach() for k, v in model.cpu().state_dict().items()}, metrics, len(train)
+    state = {k: v.detach() for k, v in model.cpu().state_dict().items()}
+    return StageResult(state, metrics, len(train))
+
+
+def _check_fusions(models: dict[str, Any], fusions) -> None:
+    for a, b in fusions:
+        for name in (a, b):
+            if name not in models:
+                raise KeyError(
+                    f"fusion ({a}, {b}) names {name!r}, which is not among the models "
+                    f"{sorted(models)}"
+                )
+
+
+def load_models(
+    cfg: ExperimentConfig, models: dict[str, dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, torch.nn.Module]:
+    """A TransUNet in eval mode on ``device`` for each state dict (no checkpoint is read)."""
+    nets = {}
+    for name, state in models.items():
+        net = build_transunet(cfg.model.model_copy(update={"checkpoint": None}), num_classes=1)
+        net.load_state_dict(state)
+        net.to(device).eval()
+        if cfg.runtime.channels_last:
+            net.to(memory_format=torch.channels_last)
+        nets[name] = net
+    return nets
+
+
+def predict(
+    cfg: ExperimentConfig,
+    nets: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    fusions,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Probabilities of every model and of every fusion of ``fusions`` in every mode of
+    ``cfg.fusion.modes`` (keyed by method name), and each fusion's weight map (paper Fig. 6)."""
+    fcfg = cfg.fusion
+    probs: dict[str, torch.Tensor] = {}
+    with autocast(device, cfg.runtime.bf16):
+        for name, net in nets.items():
+            probs[name] = torch.sigmoid(net(images).float())
+    weights: dict[str, torch.Tensor] = {}
+    for pair in fusions:
+        for mode in fcfg.modes:
+            name = arms.fusion_name(mode, tuple(pair))
+            probs[name], weights[name] = fuse(
+                probs[pair[0]], probs[pair[1]], mode, fcfg.normalize, fcfg.eps
+            )
+    return probs, weights
+
+
+@dataclass
+class _Tally:
+    """Scores as they accumulate over batches, in image order."""
+
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)  # "<patient>/<video>" per image
+    empty: int = 0
+
+    def add(self, probs: dict[str, torch.Tensor], gt: torch.Tensor, batch, threshold: float):
+        self.empty += int((gt.flatten(1).sum(1) == 0).sum())
+        pairs = zip(batch["patient"], batch["video"].tolist(), strict=True)
+        self.videos += [f"{p}/{v}" for p, v in pairs]
+        for name, p in probs.items():
+            d, i = dice_iou(p >= threshold, gt)
+            self.scores.setdefault(f"{name}/dice", []).extend(d.tolist())
+            self.scores.setdefault(f"{name}/iou", []).extend(i.tolist())
+
+    def result(self, n: int, seconds: float) -> EvalResult:
+        metrics: dict[str, float] = {k: float(np.mean(v)) for k, v in self.scores.items()}
+        patients = [v.rsplit("/", 1)[0] for v in self.videos]
+        per_video = {k: list(group_means(v, self.videos).values()) for k, v in self.scores.items()}
+        per_patient = {k: list(group_means(v, patients).values()) for k, v in self.scores.items()}
+        metrics.update(
+            {
+                "n_images": float(n),
+                "n_empty_gt": float(self.empty),
+                "n_videos": float(len(set(self.videos))),
+                "n_patients": float(len(set(patients))),
+                "seconds": seconds,
+                "frames_per_s": n / max(seconds, 1e-9),
+            }
+        )
+        return EvalResult(metrics, self.scores, per_video, n, per_patient)
+
+
+def _write_figures(shown: dict[str, Any], out_dir: Path, split: str, threshold: float) -> None:
+    """Prediction overlays (paper Fig. 5) and fusion-weight maps (Fig. 6) of a few frames."""
+    try:
+        from common.figures import fusion_weight_figure, overlay_figure
+    except ImportError:  # pragma: no cover - figures are a bonus, never a failure
+        return
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    overlay_figure(
+        shown["image"], shown["gt"], shown["probs"], figs / f"overlays_{split}.png", threshold
     )
+    if shown["weights"]:
+        fusion_weight_figure(
+            shown["image"], shown["probs"], shown["weights"], figs / f"fusion_weights_{split}.png"
+        )
 
 
-def fusion_name(mode: str, pair: tuple[str, str], first: bool) -> str:
-    """``fusion-<mode>`` for the first (main) pair of a request, ``fusion-<mode>[a+b]`` for others."""
-    return f"fusion-{mode}" if first else f"fusion-{mode}[{pair[0]}+{pair[1]}]"
+def _first_frames(batch, gt, probs, weights, names: set[str], k: int = 6) -> dict[str, Any]:
+    """The first ``k`` frames of a batch for the figures, single models and the main pair only
+    (a study has dozens of fused pairs)."""
+    return {
+        "image": batch["image"][:k].cpu(),
+        "gt": gt[:k].cpu(),
+        "probs": {n: v[:k].cpu() for n, v in probs.items() if n in names},
+        "weights": {n: v[:k].cpu() for n, v in weights.items() if n in names},
+    }
 
 
 @torch.inference_mode()
@@ -316,8 +423,9 @@ def evaluate(
     """Per-image Dice/IoU of each model and of each fusion (every mode in ``cfg.fusion.modes``)
     on the site's labeled ``split`` frames, at the model-size square.
 
-    Writes, under ``out_dir/figures``: prediction overlays per method (paper Fig. 5) and fusion-weight
-    maps (Fig. 6) for a few frames. Returns means, per-image and per-video score vectors.
+    Writes, under ``out_dir/figures``: prediction overlays per method (paper Fig. 5) and
+    fusion-weight maps (Fig. 6) for a few frames. Returns means, per-image, per-video and
+    per-patient score vectors.
 
     Raises:
         KeyError: a fusion names a model not in ``models``. ValueError: no labeled frames.
@@ -329,25 +437,10 @@ def evaluate(
     if not site.select(split=split, labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled {split!r} frames to evaluate on")
     ds = SegDataset(site, split, cfg.model.img_size)
-    for a, b in fusions:
-        for name in (a, b):
-            if name not in models:
-                raise KeyError(
-                    f"fusion ({a}, {b}) names {name!r}, which is not among the models {sorted(models)}"
-                )
-    nets = {}
-    for name, state in models.items():
-        net = build_transunet(cfg.model.model_copy(update={"checkpoint": None}), num_classes=1)
-        net.load_state_dict(state)
-        net.to(device).eval()
-        if cfg.runtime.channels_last:
-            net.to(memory_format=torch.channels_last)
-        nets[name] = net
-    fcfg = cfg.fusion
-    scores: dict[str, list[float]] = {}
-    videos: list[str] = []
-    empty = 0
-    fig_cache: dict[str, Any] | None = None
+    _check_fusions(models, fusions)
+    nets = load_models(cfg, models, device)
+    shown_names = set(nets) | {arms.fusion_name(m, arms.MAIN_PAIR) for m in cfg.fusion.modes}
+    tally, shown = _Tally(), None
     loader = DataLoader(
         ds, batch_size=min(32, len(ds)), shuffle=False, num_workers=cfg.runtime.num_workers
     )
@@ -355,75 +448,19 @@ def evaluate(
     for batch in loader:
         batch = to_device(batch, device, cfg.runtime.channels_last)
         gt = batch["mask"] > 0.5
-        empty += int((gt.flatten(1).sum(1) == 0).sum())
-        videos += [
-            f"{p}/{v}" for p, v in zip(batch["patient"], batch["video"].tolist(), strict=True)
-        ]
-        probs: dict[str, torch.Tensor] = {}
-        with autocast(device, cfg.runtime.bf16):
-            for name, net in nets.items():
-                probs[name] = torch.sigmoid(net(batch["image"]).float())
-        weights: dict[str, torch.Tensor] = {}
-        for j, pair in enumerate(fusions):
-            for mode in fcfg.modes:
-                fname = fusion_name(mode, tuple(pair), j == 0)
-                probs[fname], weights[fname] = fuse(
-                    probs[pair[0]], probs[pair[1]], mode, fcfg.normalize, fcfg.eps
-                )
-        for name, p in probs.items():
-            d, i = dice_iou(p >= fcfg.threshold, gt)
-            scores.setdefault(f"{name}/dice", []).extend(d.tolist())
-            scores.setdefault(f"{name}/iou", []).extend(i.tolist())
-        if fig_cache is None:  # the main pair's fusions and single models (a study has dozens)
-            fig_cache = {
-                "image": batch["image"][:6].cpu(),
-                "gt": gt[:6].cpu(),
-                "probs": {k: v[:6].cpu() for k, v in probs.items() if "[" not in k},
-                "weights": {k: v[:6].cpu() for k, v in weights.items() if "[" not in k},
-            }
-    seconds = time.perf_counter() - t0
-    n = len(ds)
-    metrics: dict[str, float] = {k: float(np.mean(v)) for k, v in scores.items()}
-    order = list(dict.fromkeys(videos))
-    patients = [v.rsplit("/", 1)[0] for v in videos]
-    per_video = {k: list(group_means(v, videos).values()) for k, v in scores.items()}
-    per_patient = {k: list(group_means(v, patients).values()) for k, v in scores.items()}
-    metrics.update(
-        {
-            "n_images": float(n),
-            "n_empty_gt": float(empty),
-            "n_videos": float(len(order)),
-            "n_patients": float(len(set(patients))),
-            "seconds": seconds,
-            "frames_per_s": n / max(seconds, 1e-9),
-        }
-    )
-    if fig_cache is not None:
-        try:
-            from common.figures import fusion_weight_figure, overlay_figure
-
-            figs = out_dir / "figures"
-            figs.mkdir(parents=True, exist_ok=True)
-            overlay_figure(
-                fig_cache["image"],
-                fig_cache["gt"],
-                fig_cache["probs"],
-                figs / f"overlays_{split}.png",
-                fcfg.threshold,
-            )
-            if fig_cache["weights"]:
-                fusion_weight_figure(
-                    fig_cache["image"],
-                    fig_cache["probs"],
-                    fig_cache["weights"],
-                    figs / f"fusion_weights_{split}.png",
-                )
-        except ImportError:  # pragma: no cover - figures are a bonus, never a failure
-            pass
+        probs, weights = predict(cfg, nets, batch["image"], fusions, device)
+        tally.add(probs, gt, batch, cfg.fusion.threshold)
+        if shown is None:
+            shown = _first_frames(batch, gt, probs, weights, shown_names)
+    res = tally.result(len(ds), time.perf_counter() - t0)
+    if shown is not None:
+        _write_figures(shown, out_dir, split, cfg.fusion.threshold)
     if progress:
-        best = max((k for k in metrics if k.endswith("/dice")), key=metrics.get, default=None)
+        m = res.metrics
+        best = max((k for k in m if k.endswith("/dice")), key=m.get, default=None)
         print(
-            f"[evaluate:{site.name}:{split}] {n} frames, {len(order)} videos, {seconds:.1f}s; best {best} = {metrics.get(best, float('nan')):.4f}",
+            f"[evaluate:{site.name}:{split}] {res.num_examples} frames, {int(m['n_videos'])} "
+            f"videos, {m['seconds']:.1f}s; best {best} = {m.get(best, float('nan')):.4f}",
             flush=True,
         )
-    return EvalResult(metrics, scores, per_video, n, per_patient)
+    return res

@@ -9,97 +9,104 @@ the share of the lower→upper gap that ours closes, (ours − lower) / (upper �
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from typing import Any
 
 import numpy as np
 
+from common import arms
 from common.config import ExperimentConfig
-from common.fl import protocol as p
-from common.metrics import paired_wilcoxon
-
-SCORES = ("dice", "iou")
+from common.fl.contract import SOURCE, TARGET
+from common.metrics import SCORES, paired_wilcoxon
+from server.tables import fusion_table, gap_share, pct
 
 
 def method_order(cfg: ExperimentConfig) -> list[str]:
     """Ours first, then the other fusion modes, the single branches, the study's variant arms and
     extra fused pairs, the bounds."""
-    ours = f"fusion-{cfg.fusion.default_mode}"
-    fusions = [f"fusion-{m}" for m in cfg.fusion.modes if f"fusion-{m}" != ours]
-    arms = [p.ARM_OF_BRANCH[p.SIMMIM], p.ARM_OF_BRANCH[p.CONTRASTIVE]]
-    arms += [p.ARM_OF_BRANCH[p.SIMCLR]] if cfg.contrastive.simclr_arm else []
+    default = cfg.fusion.default_mode
+    modes = [default, *(m for m in cfg.fusion.modes if m != default)]
+    ours = arms.ours(default)
+    fusions = [arms.fusion_name(m, arms.MAIN_PAIR) for m in cfg.fusion.modes]
+    built_in = [arms.BRANCHES[b].arm for b in arms.pretrain_branches(cfg.contrastive.simclr_arm)]
     variants = [v.name for v in cfg.study.variants]
     pairs = [
-        f"fusion-{m}[{a}+{b}]"
+        arms.fusion_name(m, (a, b))
         for a, b in dict.fromkeys(cfg.study.pairs)
-        if (a, b) != p.FUSION_PAIR
-        for m in (
-            cfg.fusion.default_mode,
-            *[x for x in cfg.fusion.modes if x != cfg.fusion.default_mode],
-        )
+        if (a, b) != arms.MAIN_PAIR
+        for m in modes
     ]
-    return [ours, *fusions, *arms, *variants, *pairs, p.LOWER, p.UPPER]
+    rest = [f for f in fusions if f != ours]
+    return [ours, *rest, *built_in, *variants, *pairs, arms.LOWER, arms.UPPER]
 
 
 def label(cfg: ExperimentConfig, method: str) -> str:
+    """A method's name as the tables print it."""
     for v in cfg.study.variants:
         if v.name == method:
             changed = ", ".join(f"{k.split('.')[-1]} = {x}" for k, x in v.set.items())
             return f"{v.name} ({v.branch}{': ' + changed if changed else ''})"
-    gap = cfg.contrastive.min_frame_gap
+    default = cfg.fusion.default_mode
     names = {
-        f"fusion-{cfg.fusion.default_mode}": f"Ours (SimMIM + MT-NXent, {cfg.fusion.default_mode} fusion)",
-        "simmim": "SimMIM",
-        "mtnxent": f"MT-NXent (t = {gap})",
-        "simclr": "SimCLR (t = 0)",
-        p.LOWER: "Lower bound (source-trained)",
-        p.UPPER: "Upper bound (target-trained)",
+        arms.ours(default): f"Ours (SimMIM + MT-NXent, {default} fusion)",
+        arms.SIMMIM: "SimMIM",
+        arms.MTNXENT: f"MT-NXent (t = {cfg.contrastive.min_frame_gap})",
+        arms.SIMCLR: "SimCLR (t = 0)",
+        arms.LOWER: "Lower bound (source-trained)",
+        arms.UPPER: "Upper bound (target-trained)",
     }
     if method in names:
         return names[method]
-    if method.startswith("fusion-"):
-        return f"Fusion ({method.removeprefix('fusion-')})"
-    return method
+    m = arms.parse_method(method)
+    return f"Fusion ({method.removeprefix('fusion-')})" if m.is_fusion else method
+
+
+def _paired_tests(row: dict[str, Any], ev: dict[str, Any], key: str, ours_key: str, s: str) -> None:
+    """Wilcoxon of one method against ours on the same images, videos and patients."""
+    pv, st = paired_wilcoxon(ev["per_image"][key], ev["per_image"][ours_key])
+    row[f"p_{s}"], row[f"stars_{s}"] = pv, st
+    for unit in ("video", "patient"):
+        vv = ev.get(f"per_{unit}", {}).get(key)
+        vo = ev.get(f"per_{unit}", {}).get(ours_key)
+        if vv and vo and len(vv) == len(vo) and len(vv) > 1:
+            pv, st = paired_wilcoxon(vv, vo)
+            row[f"p_{unit}_{s}"], row[f"stars_{unit}_{s}"] = pv, st
+
+
+def _method_row(m: str, ours: str, ev: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for s in SCORES:
+        key = f"{m}/{s}"
+        vec = ev["per_image"].get(key)
+        if vec is None and key not in ev["metrics"]:
+            continue
+        row[s] = float(np.mean(vec)) if vec else float(ev["metrics"][key])
+        if ev["per_video"].get(key):
+            row[f"video_{s}"] = float(np.mean(ev["per_video"][key]))
+        if ev.get("per_patient", {}).get(key):
+            row[f"patient_{s}"] = float(np.mean(ev["per_patient"][key]))
+        if m != ours and vec and f"{ours}/{s}" in ev["per_image"]:
+            _paired_tests(row, ev, key, f"{ours}/{s}", s)
+    return row
 
 
 def _site_table(methods: list[str], ours: str, ev: dict[str, Any]) -> dict[str, Any]:
-    table: dict[str, Any] = {}
-    for m in methods:
-        row: dict[str, Any] = {}
-        for s in SCORES:
-            key = f"{m}/{s}"
-            vec = ev["per_image"].get(key)
-            if vec is None and key not in ev["metrics"]:
-                continue
-            row[s] = float(np.mean(vec)) if vec else float(ev["metrics"][key])
-            if ev["per_video"].get(key):
-                row[f"video_{s}"] = float(np.mean(ev["per_video"][key]))
-            if ev.get("per_patient", {}).get(key):
-                row[f"patient_{s}"] = float(np.mean(ev["per_patient"][key]))
-            if m != ours and vec and f"{ours}/{s}" in ev["per_image"]:
-                pv, st = paired_wilcoxon(vec, ev["per_image"][f"{ours}/{s}"])
-                row[f"p_{s}"], row[f"stars_{s}"] = pv, st
-                for unit in ("video", "patient"):
-                    vv = ev.get(f"per_{unit}", {}).get(key)
-                    vo = ev.get(f"per_{unit}", {}).get(f"{ours}/{s}")
-                    if vv and vo and len(vv) == len(vo) and len(vv) > 1:
-                        pv, st = paired_wilcoxon(vv, vo)
-                        row[f"p_{unit}_{s}"], row[f"stars_{unit}_{s}"] = pv, st
-        if row:
-            table[m] = row
-    return table
+    rows = {m: _method_row(m, ours, ev) for m in methods}
+    return {m: row for m, row in rows.items() if row}
 
 
 def _gap(table: dict[str, Any], ours: str) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for s in SCORES:
         try:
-            o, lo, up = table[ours][s], table[p.LOWER][s], table[p.UPPER][s]
+            out[s] = gap_share(table[ours][s], table[arms.LOWER][s], table[arms.UPPER][s])
         except KeyError:
             out[s] = None
-            continue
-        out[s] = (o - lo) / (up - lo) if up - lo > 1e-12 else None  # no gap to close: n/a
     return out
+
+
+def evaluated_test_sets(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The evaluation entries of test sets (not the source-validation scoring of the fusions)."""
+    return {n: ev for n, ev in evaluation.items() if ev.get("split", "test") == "test"}
 
 
 def build_results(
@@ -112,8 +119,9 @@ def build_results(
     """Everything the report shows, as plain JSON (score vectors included for re-analysis)."""
     methods = method_order(cfg)
     ours = methods[0]
-    test = {n: ev for n, ev in evaluation.items() if ev.get("split", "test") == "test"}
-    tables = {name: _site_table(methods, ours, ev) for name, ev in test.items()}
+    tables = {
+        name: _site_table(methods, ours, ev) for name, ev in evaluated_test_sets(evaluation).items()
+    }
     return {
         "experiment": cfg.name,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -135,21 +143,20 @@ def fusion_selection(cfg: ExperimentConfig, evaluation: dict[str, Any]) -> dict[
     """Paper Table 7: each fusion mode's Dice on the source sites' validation frames (pooled over
     images), the mode that wins there, and that mode's score on every test set."""
     val = [ev for ev in evaluation.values() if ev.get("split") == "val"]
-    if not val:
-        return None
-    modes = list(cfg.fusion.modes)
     score = {}
-    for m in modes:
-        vec = [x for ev in val for x in ev["per_image"].get(f"fusion-{m}/dice", [])]
+    for m in cfg.fusion.modes:
+        key = f"{arms.fusion_name(m, arms.MAIN_PAIR)}/dice"
+        vec = [x for ev in val for x in ev["per_image"].get(key, [])]
         if vec:
             score[m] = float(np.mean(vec))
     if not score:
         return None
     best = max(score, key=lambda m: (score[m], m == cfg.fusion.default_mode))
+    keys = {m: f"{arms.fusion_name(m, arms.MAIN_PAIR)}/dice" for m in score}
     test = {
-        n: {m: float(np.mean(ev["per_image"][f"fusion-{m}/dice"])) for m in score}
-        for n, ev in evaluation.items()
-        if ev.get("split", "test") == "test" and f"fusion-{best}/dice" in ev["per_image"]
+        n: {m: float(np.mean(ev["per_image"][k])) for m, k in keys.items()}
+        for n, ev in evaluated_test_sets(evaluation).items()
+        if keys[best] in ev["per_image"]
     }
     return {
         "val_sites": [ev.get("site", "") for ev in val],
@@ -160,6 +167,7 @@ def fusion_selection(cfg: ExperimentConfig, evaluation: dict[str, Any]) -> dict[
     }
 
 
+# ---------------------------------------------------------------- report.md
 def _cell(row: dict[str, Any] | None, s: str, video: bool = False) -> str:
     value = row.get(f"video_{s}" if video else s) if row else None
     if value is None:
@@ -168,111 +176,112 @@ def _cell(row: dict[str, Any] | None, s: str, video: bool = False) -> str:
     return f"{value:.4f}{(' ' + stars) if stars and stars != 'ns' else ''}"
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.0f} %"
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """The paper-style report (Tables 3/4) plus per-phase timings and bytes."""
-    methods, _ours, labels = results["methods"], results["ours"], results["labels"]
+def _score_table(results: dict[str, Any], names: list[str], video: bool) -> list[str]:
+    """One row per method, a DSC and an IoU column per site (per image, or mean of per-video)."""
     lines = [
-        f"# crossprobe — {results['experiment']}",
+        "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
+        "|---" * (1 + 2 * len(names)) + "|",
+    ]
+    for m in results["methods"]:
+        rows = [results["tables"][n].get(m) for n in names]
+        if any(rows):
+            cells = " | ".join(
+                f"{_cell(r, 'dice', video)} | {_cell(r, 'iou', video)}" for r in rows
+            )
+            lines.append(f"| {results['labels'][m]} | {cells} |")
+    return lines
+
+
+def _site_notes(results: dict[str, Any], names: list[str], role: str) -> list[str]:
+    """Test set sizes, and on target sites the share of the gap ours closes (the bounds bracket
+    the target domain only: the upper model is target-trained)."""
+    lines = []
+    for n in names:
+        g, ev = results["gap_closed"][n], results["evaluation"][n]
+        gap = ""
+        if role == TARGET:
+            gap = (
+                f"; share of the lower→upper gap closed by ours: DSC {pct(g['dice'])}, "
+                f"IoU {pct(g['iou'])}"
+            )
+        videos = len(next(iter(ev["per_video"].values()), []))
+        lines.append(f"- {n}: {ev['num_examples']} test images in {videos} videos{gap}")
+    return lines
+
+
+def _role_section(results: dict[str, Any], role: str, title: str) -> list[str]:
+    names = [
+        n for n, ev in evaluated_test_sets(results["evaluation"]).items() if ev["role"] == role
+    ]
+    if not names:
+        return []
+    return [
+        f"## {title}",
         "",
-        f"{results['created']} · rounds per phase: {results['rounds']} · sites: "
-        + ", ".join(f"{n} ({s['role']})" for n, s in results["sites"].items()),
+        "Mean per image; stars: paired two-sided Wilcoxon vs ours on the same images "
+        "(*** p < 0.001, ** p < 0.01, * p < 0.05).",
+        "",
+        *_score_table(results, names, video=False),
+        "",
+        *_site_notes(results, names, role),
+        "",
+        "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
+        "frames of one video are correlated):",
+        "",
+        *_score_table(results, names, video=True),
         "",
     ]
-    for role, title in ((p.TARGET, "Target test set"), (p.SOURCE, "Source test set")):
-        names = [
-            n
-            for n, ev in results["evaluation"].items()
-            if ev["role"] == role and ev.get("split", "test") == "test"
-        ]
-        if not names:
-            continue
-        lines += [
-            f"## {title}",
-            "",
-            "Mean per image; stars: paired two-sided Wilcoxon vs ours on the same images "
-            "(*** p < 0.001, ** p < 0.01, * p < 0.05).",
-            "",
-        ]
-        head = "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |"
-        lines += [head, "|---" * (1 + 2 * len(names)) + "|"]
-        for m in methods:
-            rows = [results["tables"][n].get(m) for n in names]
-            if not any(rows):
-                continue
-            cells = " | ".join(f"{_cell(r, 'dice')} | {_cell(r, 'iou')}" for r in rows)
-            lines.append(f"| {labels[m]} | {cells} |")
-        lines.append("")
-        for n in names:
-            g = results["gap_closed"][n]
-            ev = results["evaluation"][n]
-            # the bounds bracket the target domain only (the "upper" model is target-trained)
-            gap = (
-                (
-                    f"; share of the lower→upper gap closed by ours: DSC {_pct(g['dice'])}, "
-                    f"IoU {_pct(g['iou'])}"
-                )
-                if role == p.TARGET
-                else ""
-            )
-            lines.append(
-                f"- {n}: {ev['num_examples']} test images in "
-                f"{len(next(iter(ev['per_video'].values()), []))} videos{gap}"
-            )
-        lines += [
-            "",
-            "Mean of per-video means; stars: paired Wilcoxon on per-video means (the honest test: "
-            "frames of one video are correlated):",
-            "",
-            "| method | " + " | ".join(f"{n} DSC | {n} IoU" for n in names) + " |",
-            "|---" * (1 + 2 * len(names)) + "|",
-        ]
-        for m in methods:
-            rows = [results["tables"][n].get(m) for n in names]
-            if any(rows):
-                cells = " | ".join(
-                    f"{_cell(r, 'dice', True)} | {_cell(r, 'iou', True)}" for r in rows
-                )
-                lines.append(f"| {labels[m]} | {cells} |")
-        lines.append("")
-    sel = results.get("fusion_selection")
-    if sel:
-        lines += [
-            "## Fusion mode chosen on source validation (paper Table 7)",
-            "",
-            f"Selected: **{sel['selected']}** (on {sel['val_images']} labeled validation images at "
-            f"{', '.join(sel['val_sites'])}; no test set was looked at).",
-            "",
-            "| mode | source val DSC | "
-            + " | ".join(f"{n} test DSC" for n in sel["test_dice"])
-            + " |",
-            "|---" * (2 + len(sel["test_dice"])) + "|",
-        ]
-        for m, v in sel["val_dice"].items():
-            mark = " ← selected" if m == sel["selected"] else ""
-            cells = " | ".join(f"{t[m]:.4f}" for t in sel["test_dice"].values())
-            lines.append(f"| {m}{mark} | {v:.4f} | {cells} |")
-        lines.append("")
-    lines += [
+
+
+def _fusion_section(sel: dict[str, Any] | None) -> list[str]:
+    if not sel:
+        return []
+    return [
+        "## Fusion mode chosen on source validation (paper Table 7)",
+        "",
+        f"Selected: **{sel['selected']}** (on {sel['val_images']} labeled validation images at "
+        f"{', '.join(sel['val_sites'])}; no test set was looked at).",
+        "",
+        *fusion_table(sel["val_dice"], sel["selected"], sel["test_dice"]),
+        "",
+    ]
+
+
+def _phase_section(phases: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "## Phases",
         "",
         "| phase | seconds | sent | received | messages | resumed |",
         "|---|---|---|---|---|---|",
     ]
-    for ph in results["phases"]:
+    for ph in phases:
         lines.append(
             f"| {ph['phase']} | {ph['seconds']:.1f} | {ph['bytes_sent'] / 2**20:.2f} MB | "
-            f"{ph['bytes_received'] / 2**20:.2f} MB | {ph['messages']} | {'yes' if ph['resumed'] else ''} |"
+            f"{ph['bytes_received'] / 2**20:.2f} MB | {ph['messages']} | "
+            f"{'yes' if ph['resumed'] else ''} |"
         )
-    averaged = [r for ph in results["phases"] for r in ph.get("rounds", []) if r.get("averaged")]
+    averaged = [r for ph in phases for r in ph.get("rounds", []) if r.get("averaged")]
     if averaged:
         lines += ["", "Federated averaging (by example count):", ""]
         lines += [
             f"- {r['key']} round {r['round']}: {', '.join(r['sites'])} ({r['num_examples']})"
             for r in averaged
         ]
-    lines.append("")
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The paper-style report (Tables 3/4) plus per-phase timings and bytes."""
+    sites = ", ".join(f"{n} ({s['role']})" for n, s in results["sites"].items())
+    lines = [
+        f"# crossprobe — {results['experiment']}",
+        "",
+        f"{results['created']} · rounds per phase: {results['rounds']} · sites: {sites}",
+        "",
+        *_role_section(results, TARGET, "Target test set"),
+        *_role_section(results, SOURCE, "Source test set"),
+        *_fusion_section(results.get("fusion_selection")),
+        *_phase_section(results["phases"]),
+        "",
+    ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""A study over seeds: the paper's Tables 3–8 with statistics that survive video data (issue 7).
+"""A study over seeds: the paper's Tables 3–8 with statistics that survive video data.
 
 Input: the ``results.json`` of one federated run per seed (same sites, same test frames, different
 training seed). Everything here works on the score vectors the sites returned — no frame is needed.
@@ -26,31 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from common import arms
 from common.config import ExperimentConfig
-from common.fl import protocol as p
-from common.metrics import paired_wilcoxon
+from common.fl.contract import TARGET
+from common.metrics import SCORES, paired_wilcoxon
+from server.report import evaluated_test_sets
+from server.tables import fmt, fusion_table, gap_share, pvalue
 
-SCORES = ("dice", "iou")
 ALPHA = 0.05
 UNITS = ("image", "video", "patient")
-BUILTIN_BRANCH = {
-    "simmim": "simmim",
-    "mtnxent": "contrastive",
-    "simclr": "simclr",
-    p.LOWER: "lower",
-}
 
 
 def _sd(x: Sequence[float]) -> float | None:
     return float(np.std(x, ddof=1)) if len(x) > 1 else None
-
-
-def _test_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        n: ev
-        for n, ev in results["evaluation"].items()
-        if ev.get("split", "test") == "test" and ":" not in n
-    }
 
 
 def _vectors(runs: list[dict[str, Any]], key: str, unit: str) -> np.ndarray | None:
@@ -82,9 +70,9 @@ def _site_rows(
     """Rows for one site from its evaluation entry in each seed's run."""
     rows: dict[str, Any] = {}
     lower_dice = [
-        float(np.mean(ev["per_image"][f"{p.LOWER}/dice"]))
+        float(np.mean(ev["per_image"][f"{arms.LOWER}/dice"]))
         for ev in evs
-        if f"{p.LOWER}/dice" in ev["per_image"]
+        if f"{arms.LOWER}/dice" in ev["per_image"]
     ]
     noise = _sd(lower_dice) if len(lower_dice) == len(evs) else None
     for m in methods:
@@ -140,19 +128,16 @@ def on_seeds(row: dict[str, Any], index: list[int]) -> float:
 
 def _gap(rows: dict[str, Any], ours: str) -> dict[str, Any] | None:
     try:
-        o, lo, up = (rows[k]["dice_per_seed"] for k in (ours, p.LOWER, p.UPPER))
+        o, lo, up = (rows[k]["dice_per_seed"] for k in (ours, arms.LOWER, arms.UPPER))
     except KeyError:
         return None
     if len(o) != len(lo) or len(o) != len(up):
         return None
-    per_seed = [
-        (a - b) / (c - b) if c - b > 1e-12 else None for a, b, c in zip(o, lo, up, strict=True)
-    ]
-    lo_m, up_m = rows[p.LOWER]["dice"], rows[p.UPPER]["dice"]
+    lo_m, up_m = rows[arms.LOWER]["dice"], rows[arms.UPPER]["dice"]
     return {
         "gap_dice": up_m - lo_m,
-        "closed": (rows[ours]["dice"] - lo_m) / (up_m - lo_m) if up_m - lo_m > 1e-12 else None,
-        "closed_per_seed": per_seed,
+        "closed": gap_share(rows[ours]["dice"], lo_m, up_m),
+        "closed_per_seed": [gap_share(a, b, c) for a, b, c in zip(o, lo, up, strict=True)],
     }
 
 
@@ -160,10 +145,10 @@ def _same_recipe(evs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Seeds 1 and 2 of the lower bound are the same recipe: what do the tests say about them?"""
     if len(evs) < 2:
         return None
-    out: dict[str, Any] = {"method": p.LOWER}
+    out: dict[str, Any] = {"method": arms.LOWER}
     for unit in UNITS:
-        a = evs[0].get(f"per_{unit}", {}).get(f"{p.LOWER}/dice")
-        b = evs[1].get(f"per_{unit}", {}).get(f"{p.LOWER}/dice")
+        a = evs[0].get(f"per_{unit}", {}).get(f"{arms.LOWER}/dice")
+        b = evs[1].get(f"per_{unit}", {}).get(f"{arms.LOWER}/dice")
         if a and b and len(a) == len(b) and len(a) > 1:
             out[f"p_{unit}"] = paired_wilcoxon(a, b)[0]
             out[f"n_{unit}"] = len(a)
@@ -171,15 +156,10 @@ def _same_recipe(evs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _arm_branches(cfg: ExperimentConfig) -> dict[str, str]:
-    arms = dict(BUILTIN_BRANCH)
-    arms.update({v.name: v.branch for v in cfg.study.variants})
-    return arms
-
-
-def _base_arm(branch: str) -> str:
-    return {"simmim": "simmim", "contrastive": "mtnxent", "simclr": "simclr", "lower": p.LOWER}[
-        branch
-    ]
+    """Arm -> the branch it was made with (built-in arms and the study's variants)."""
+    out = {b.arm: b.name for b in arms.BRANCHES.values()}
+    out.update({v.name: v.branch for v in cfg.study.variants})
+    return out
 
 
 def _get(cfg: ExperimentConfig, dotted: str) -> Any:
@@ -208,7 +188,7 @@ def ablations(
     tables = []
     mode = cfg.fusion.default_mode
     for (branch, key), members in groups.items():
-        base = _base_arm(branch)
+        base = arms.branch(branch).arm
         try:
             base_value = ", ".join(str(_get(cfg, k)) for k in key.split("+"))
         except AttributeError:
@@ -221,7 +201,7 @@ def ablations(
             if arm not in rows:
                 continue
             r = rows[arm]
-            fused = ours if arm == "mtnxent" else f"fusion-{mode}[simmim+{arm}]"
+            fused = arms.fusion_name(mode, (arms.SIMMIM, arm))
             row = {
                 "arm": arm,
                 "value": value,
@@ -244,8 +224,8 @@ def pairs_table(cfg: ExperimentConfig, rows: dict[str, Any], ours: str) -> list[
     branches = _arm_branches(cfg)
     mode = cfg.fusion.default_mode
     out = []
-    for a, b in [p.FUSION_PAIR, *cfg.study.pairs]:
-        name = ours if (a, b) == p.FUSION_PAIR else f"fusion-{mode}[{a}+{b}]"
+    for a, b in [arms.MAIN_PAIR, *cfg.study.pairs]:
+        name = arms.fusion_name(mode, (a, b))
         if name not in rows:
             continue
         kind = "homogeneous" if branches.get(a) == branches.get(b) else "heterogeneous"
@@ -268,7 +248,7 @@ def pairs_table(cfg: ExperimentConfig, rows: dict[str, Any], ours: str) -> list[
     return out
 
 
-def fusion_selection(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def fusion_selection_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Table 7 over seeds: each mode's source-validation DSC (mean over seeds), the mode chosen
     there, and the test DSC of each mode."""
     sels = [r.get("fusion_selection") for r in runs if r.get("fusion_selection")]
@@ -310,15 +290,14 @@ def aggregate(
     labels: dict[str, str] = {}
     for r in runs:
         labels.update(r["labels"])
-    site_names = list(_test_entries(runs[0]))
+    site_names = list(evaluated_test_sets(runs[0]["evaluation"]))
     for r, s in zip(runs, seeds, strict=True):
-        if list(_test_entries(r)) != site_names:
-            raise ValueError(
-                f"seed {s} evaluated sites {list(_test_entries(r))}, seed {seeds[0]} {site_names}"
-            )
+        names = list(evaluated_test_sets(r["evaluation"]))
+        if names != site_names:
+            raise ValueError(f"seed {s} evaluated sites {names}, seed {seeds[0]} {site_names}")
     sites: dict[str, Any] = {}
     for name in site_names:
-        evs = [_test_entries(r)[name] for r in runs]
+        evs = [evaluated_test_sets(r["evaluation"])[name] for r in runs]
         role = evs[0]["role"]
         rows, noise = _site_rows(methods, ours, evs, role)
         m0 = evs[0]["metrics"]
@@ -330,7 +309,7 @@ def aggregate(
             "n_empty_gt": int(m0.get("n_empty_gt", 0)),
             "noise_floor": noise,
             "rows": rows,
-            "gap": _gap(rows, ours) if role == p.TARGET else None,
+            "gap": _gap(rows, ours) if role == TARGET else None,
             "same_recipe": _same_recipe(evs),
             "ablations": ablations(cfg, rows, ours, noise),
             "pairs": pairs_table(cfg, rows, ours),
@@ -342,34 +321,22 @@ def aggregate(
         "methods": methods,
         "labels": labels,
         "sites": sites,
-        "fusion_selection": fusion_selection(runs),
+        "fusion_selection": fusion_selection_over_seeds(runs),
         "wall_seconds": list(walls),
         "alpha": ALPHA,
     }
 
 
 # ---------------------------------------------------------------- rendering
-def _f(x: float | None, nd: int = 4) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
-
-
 def _pm(mean: float | None, sd: float | None) -> str:
-    return _f(mean) + ("" if sd is None else f" ± {sd:.4f}")
-
-
-def _pv(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "–"
-    return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
+    return fmt(mean) + ("" if sd is None else f" ± {sd:.4f}")
 
 
 def _yn(x: bool | None) -> str:
     return "–" if x is None else "yes" if x else "no"
 
 
-def render_markdown(study: dict[str, Any]) -> str:
-    labels, ours = study["labels"], study["ours"]
-    n = len(study["seeds"])
+def _header(study: dict[str, Any]) -> list[str]:
     lines = [
         f"# crossprobe study — {study['experiment']}",
         "",
@@ -383,91 +350,129 @@ def render_markdown(study: dict[str, Any]) -> str:
     if study.get("wall_seconds"):
         w = study["wall_seconds"]
         lines += [f"Wall time per seed: {', '.join(f'{x / 60:.1f} min' for x in w)}.", ""]
+    return lines
+
+
+def _main_table(site: dict[str, Any], labels: dict[str, str], ours: str) -> list[str]:
+    """Tables 3/4 over seeds: every method against ours, with the three tests and a verdict."""
+    lines = [
+        "| method | seeds | DSC | IoU | video DSC | Δ DSC (ours − method) | p image | p video "
+        "| p patient | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in site["rows"].items():
+        delta = fmt(r.get("delta_dice")) if m != ours else "(ours)"
+        lines.append(
+            f"| {labels.get(m, m)} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+            f"{_pm(r['iou'], r['iou_sd'])} | {fmt(r.get('video_dice'))} | "
+            f"{delta} | {pvalue(r.get('p_image_dice'))} | "
+            f"{pvalue(r.get('p_video_dice'))} | {pvalue(r.get('p_patient_dice'))} | "
+            f"{r.get('verdict', '')} |"
+        )
+    return [*lines, ""]
+
+
+def _gap_lines(site: dict[str, Any]) -> list[str]:
+    g = site.get("gap")
+    if not g or g["closed"] is None:
+        return []
+    per = ", ".join("–" if x is None else f"{100 * x:.0f} %" for x in g["closed_per_seed"])
+    return [
+        f"Lower→upper gap {g['gap_dice']:.4f} DSC; ours closes **{100 * g['closed']:.0f} %** of "
+        f"it (per seed: {per}; paper: 52 %).",
+        "",
+    ]
+
+
+def _same_recipe_lines(site: dict[str, Any], seeds: list[int]) -> list[str]:
+    sr = site.get("same_recipe")
+    if not sr or "p_image" not in sr:
+        return []
+    return [
+        f"Same recipe, two seeds (lower bound, seed {seeds[0]} vs {seeds[1]}): "
+        f"per-image p = {pvalue(sr['p_image'])} (n = {sr['n_image']}), per-video p = "
+        f"{pvalue(sr.get('p_video'))} (n = {sr.get('n_video', '–')}), per-patient p = "
+        f"{pvalue(sr.get('p_patient'))} (n = {sr.get('n_patient', '–')}).",
+        "",
+    ]
+
+
+def _ablation_lines(t: dict[str, Any]) -> list[str]:
+    """Tables 5/6 (and any other setting a study varies): one arm per value."""
+    lines = [
+        f"### {t['setting']} ({t['branch']} branch)",
+        "",
+        "| arm | value | seeds | DSC | Δ vs base (same seeds) | beyond noise floor "
+        "| fused with SimMIM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in t["rows"]:
+        base = " (base)" if r["base"] else ""
+        lines.append(
+            f"| {r['arm']}{base} | {r['value']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+            f"{fmt(r.get('delta_vs_base'))} | {_yn(r.get('beyond_noise'))} | "
+            f"{fmt(r['fused_dice'])} |"
+        )
+    return [*lines, ""]
+
+
+def _pairs_lines(pairs: list[dict[str, Any]]) -> list[str]:
+    """Table 8: heterogeneous and homogeneous fused pairs."""
+    if len(pairs) <= 1:
+        return []
+    lines = [
+        "### Fused pairs (paper Table 8)",
+        "",
+        "| pair | kind | seeds | fused DSC | better single DSC (same seeds) | p video vs ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in pairs:
+        lines.append(
+            f"| {r['pair']} | {r['kind']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
+            f"{fmt(r['best_single'])} | {pvalue(r['p_video_dice'])} |"
+        )
+    return [*lines, ""]
+
+
+def _site_section(name: str, site: dict[str, Any], study: dict[str, Any]) -> list[str]:
+    title = "Target" if site["role"] == TARGET else "Source"
+    patients = f" of {site['n_patients']} patients" if site.get("n_patients") else ""
+    lines = [
+        f"## {title} test set — {name}",
+        "",
+        f"{site['n_images']} labeled test images in {site['n_videos']} videos{patients}; "
+        f"{site['n_empty_gt']} with empty ground truth. "
+        f"**Noise floor** (lower bound's seed-to-seed sd of DSC): {fmt(site['noise_floor'])}.",
+        "",
+        *_main_table(site, study["labels"], study["ours"]),
+        *_gap_lines(site),
+        *_same_recipe_lines(site, study["seeds"]),
+    ]
+    for t in site["ablations"]:
+        lines += _ablation_lines(t)
+    return lines + _pairs_lines(site["pairs"])
+
+
+def _fusion_lines(sel: dict[str, Any] | None) -> list[str]:
+    if not sel:
+        return []
+    return [
+        "## Fusion mode chosen on source validation (paper Table 7)",
+        "",
+        f"Selected over {sel['seeds']} seed(s): **{sel['selected']}** (per seed: "
+        f"{', '.join(sel['selected_per_seed'])}).",
+        "",
+        *fusion_table(sel["val_dice"], sel["selected"], sel["test_dice"]),
+        "",
+    ]
+
+
+def render_markdown(study: dict[str, Any]) -> str:
+    """``study.md``: one section per evaluated site, then the fusion-mode choice."""
+    lines = _header(study)
     for name, site in study["sites"].items():
-        title = "Target" if site["role"] == p.TARGET else "Source"
-        lines += [
-            f"## {title} test set — {name}",
-            "",
-            f"{site['n_images']} labeled test images in {site['n_videos']} videos"
-            + (f" of {site['n_patients']} patients" if site.get("n_patients") else "")
-            + f"; {site['n_empty_gt']} with empty ground truth. "
-            + f"**Noise floor** (lower bound's seed-to-seed sd of DSC): {_f(site['noise_floor'])}.",
-            "",
-            "| method | seeds | DSC | IoU | video DSC | Δ DSC (ours − method) | p image | p video | p patient | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for m, r in site["rows"].items():
-            lines.append(
-                f"| {labels.get(m, m)} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
-                f"{_pm(r['iou'], r['iou_sd'])} | {_f(r.get('video_dice'))} | "
-                f"{_f(r.get('delta_dice')) if m != ours else '(ours)'} | {_pv(r.get('p_image_dice'))} | "
-                f"{_pv(r.get('p_video_dice'))} | {_pv(r.get('p_patient_dice'))} | {r.get('verdict', '')} |"
-            )
-        lines.append("")
-        g = site.get("gap")
-        if g and g["closed"] is not None:
-            per = ", ".join("–" if x is None else f"{100 * x:.0f} %" for x in g["closed_per_seed"])
-            lines += [
-                f"Lower→upper gap {g['gap_dice']:.4f} DSC; ours closes **{100 * g['closed']:.0f} %** of it "
-                f"(per seed: {per}; paper: 52 %).",
-                "",
-            ]
-        sr = site.get("same_recipe")
-        if sr and "p_image" in sr:
-            lines += [
-                f"Same recipe, two seeds (lower bound, seed {study['seeds'][0]} vs {study['seeds'][1]}): "
-                f"per-image p = {_pv(sr['p_image'])} (n = {sr['n_image']}), per-video p = "
-                f"{_pv(sr.get('p_video'))} (n = {sr.get('n_video', '–')}), per-patient p = "
-                f"{_pv(sr.get('p_patient'))} (n = {sr.get('n_patient', '–')}).",
-                "",
-            ]
-        for t in site["ablations"]:
-            lines += [
-                f"### {t['setting']} ({t['branch']} branch)",
-                "",
-                "| arm | value | seeds | DSC | Δ vs base (same seeds) | beyond noise floor | fused with SimMIM |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for r in t["rows"]:
-                base = " (base)" if r["base"] else ""
-                lines.append(
-                    f"| {r['arm']}{base} | {r['value']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
-                    f"{_f(r.get('delta_vs_base'))} | {_yn(r.get('beyond_noise'))} | {_f(r['fused_dice'])} |"
-                )
-            lines.append("")
-        if len(site["pairs"]) > 1:
-            lines += [
-                "### Fused pairs (paper Table 8)",
-                "",
-                "| pair | kind | seeds | fused DSC | better single DSC (same seeds) | p video vs ours |",
-                "|---|---|---|---|---|---|",
-            ]
-            for r in site["pairs"]:
-                lines.append(
-                    f"| {r['pair']} | {r['kind']} | {r['seeds']} | {_pm(r['dice'], r['dice_sd'])} | "
-                    f"{_f(r['best_single'])} | {_pv(r['p_video_dice'])} |"
-                )
-            lines.append("")
-    sel = study.get("fusion_selection")
-    if sel:
-        sites = list(sel["test_dice"])
-        lines += [
-            "## Fusion mode chosen on source validation (paper Table 7)",
-            "",
-            f"Selected over {sel['seeds']} seed(s): **{sel['selected']}** (per seed: "
-            f"{', '.join(sel['selected_per_seed'])}).",
-            "",
-            "| mode | source val DSC | " + " | ".join(f"{s} test DSC" for s in sites) + " |",
-            "|---" * (2 + len(sites)) + "|",
-        ]
-        for m, v in sel["val_dice"].items():
-            mark = " ← selected" if m == sel["selected"] else ""
-            lines.append(
-                f"| {m}{mark} | {v:.4f} | "
-                + " | ".join(f"{sel['test_dice'][s][m]:.4f}" for s in sites)
-                + " |"
-            )
-        lines.append("")
-    if n < 2:
+        lines += _site_section(name, site, study)
+    lines += _fusion_lines(study.get("fusion_selection"))
+    if len(study["seeds"]) < 2:
         lines += ["With one seed there is no noise floor: no difference is called.", ""]
     return "\n".join(lines)

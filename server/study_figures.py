@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.fl import protocol as p  # noqa: E402
+from common import arms
+from common.fl import contract
 
 
 def _dice_panel(ax, site: dict[str, Any], labels: dict[str, str], ours: str, name: str) -> None:
@@ -23,15 +24,15 @@ def _dice_panel(ax, site: dict[str, Any], labels: dict[str, str], ours: str, nam
     means = [rows[m]["dice"] for m in methods]
     sds = [rows[m]["dice_sd"] or 0.0 for m in methods]
     colors = [
-        "tab:red" if m == ours else "tab:gray" if m in (p.LOWER, p.UPPER) else "tab:blue"
+        "tab:red" if m == ours else "tab:gray" if m in (arms.LOWER, arms.UPPER) else "tab:blue"
         for m in methods
     ]
     ax.barh(y, means, xerr=sds, color=colors, alpha=0.6, capsize=3)
     for i, m in enumerate(methods):
         seeds = rows[m]["dice_per_seed"]
         ax.scatter(seeds, [i] * len(seeds), color="k", s=10, zorder=3)
-    if p.LOWER in rows and site.get("noise_floor"):
-        lo, nf = rows[p.LOWER]["dice"], site["noise_floor"]
+    if arms.LOWER in rows and site.get("noise_floor"):
+        lo, nf = rows[arms.LOWER]["dice"], site["noise_floor"]
         ax.axvspan(lo - nf, lo + nf, color="orange", alpha=0.25, label="lower bound ± noise floor")
         ax.legend(loc="lower right", fontsize=7)
     ax.set_yticks(y, [labels.get(m, m) for m in methods], fontsize=7)
@@ -61,7 +62,7 @@ def study_figures(study: dict[str, Any], runs: list[dict[str, Any]], out_dir: Pa
     plt.close(fig)
     written.append(path)
 
-    targets = [n for n, s in sites.items() if s["role"] == p.TARGET]
+    targets = [n for n, s in sites.items() if s["role"] == contract.TARGET]
     if targets:
         name = targets[0]
         evs = [r["evaluation"][name] for r in runs]
@@ -73,9 +74,9 @@ def study_figures(study: dict[str, Any], runs: list[dict[str, Any]], out_dir: Pa
                 return None
             return np.mean(np.asarray(vs, dtype=float), axis=0)
 
-        x = vid(p.LOWER)
+        x = vid(arms.LOWER)
         if x is not None:
-            for m, marker in ((ours, "o"), ("simmim", "s"), ("mtnxent", "^"), (p.UPPER, "x")):
+            for m, marker in ((ours, "o"), ("simmim", "s"), ("mtnxent", "^"), (arms.UPPER, "x")):
                 yv = vid(m)
                 if yv is not None:
                     ax.scatter(x, yv, marker=marker, label=labels.get(m, m), alpha=0.8)

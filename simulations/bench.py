@@ -1,7 +1,8 @@
 """`crossprobe bench`: training images/s per stage and fused-inference frames/s, on random tensors.
 
 Numbers are medians over timed iterations after warm-up; compare ratios from one run (these machines
-are noisy): fused (two branches + fusion) vs single-model inference.
+are noisy): fused (two branches + fusion) vs single-model inference. torch is imported inside the
+functions so ``crossprobe bench --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 import typer
 
-from common.config import load_experiment
-from common.engine import autocast, bf16_supported, make_optimizer
-from common.fusion import fuse
-from common.losses import DiceBCELoss, MTNXentLoss
-from common.models import ContrastiveModel, SimMIMModel, build_transunet
-from common.stages import contrastive_step, segmentation_step, simmim_step
+STAGES = ("simmim", "contrastive", "finetune", "inference")
 
 
-def _time(fn, warmup: int, iters: int, device: torch.device) -> float:
+def _time(fn, warmup: int, iters: int, device) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` untimed ones."""
+    import torch
+
     for _ in range(warmup):
         fn()
     times = []
@@ -38,6 +38,121 @@ def _time(fn, warmup: int, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+@dataclass
+class _Bench:
+    """One benchmark's setting: the config, a random batch on the device, the timing budget."""
+
+    cfg: Any
+    device: Any
+    x: Any  # (batch, 3, S, S) random images
+    gen: Any  # the generator that drew them (SimMIM's masks continue from it)
+    bf16: bool
+    channels_last: bool
+    warmup: int
+    iters: int
+
+    def prep(self, m):
+        import torch
+
+        m.to(self.device)
+        return m.to(memory_format=torch.channels_last) if self.channels_last else m
+
+    def train_rate(self, model, step, batch: dict, images: int) -> float:
+        """Images per second of forward + backward + optimiser step."""
+        from common.engine import autocast, make_optimizer
+
+        optim = self.cfg.finetune.optim.model_copy(update={"optimizer": "adamw"})
+        opt = make_optimizer(model.parameters(), optim)
+
+        def one():
+            with autocast(self.device, self.bf16):
+                loss = step(batch)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return images / _time(one, self.warmup, self.iters, self.device)
+
+
+def _simmim_rate(b: _Bench) -> dict[str, float]:
+    from common.models import SimMIMModel
+    from common.stages import simmim_step
+
+    m = b.prep(SimMIMModel(b.cfg.model)).train()
+    step = simmim_step(m, b.cfg.simmim, b.cfg.model.img_size, b.gen)
+    return {"simmim_train_img_per_s": b.train_rate(m, step, {"image": b.x}, len(b.x))}
+
+
+def _contrastive_rate(b: _Bench) -> dict[str, float]:
+    import torch
+
+    from common.losses import MTNXentLoss
+    from common.models import ContrastiveModel
+    from common.stages import contrastive_step
+
+    m = b.prep(ContrastiveModel(b.cfg.model)).train()
+    n = len(b.x)
+    batch = {
+        "view1": b.x,
+        "view2": b.x.flip(-1),
+        "video": torch.arange(n, device=b.device) % 2,
+        "frame": torch.arange(n, device=b.device),
+    }
+    # images/s counts originals (each is seen as two views)
+    step = contrastive_step(m, MTNXentLoss(0.5, 15))
+    return {"contrastive_train_img_per_s": b.train_rate(m, step, batch, n)}
+
+
+def _finetune_rate(b: _Bench) -> dict[str, float]:
+    from common.losses import DiceBCELoss
+    from common.models import build_transunet
+    from common.stages import segmentation_step
+
+    m = b.prep(build_transunet(b.cfg.model)).train()
+    batch = {"image": b.x, "mask": (b.x[:, :1] > 0.5).float()}
+    step = segmentation_step(m, DiceBCELoss())
+    return {"finetune_train_img_per_s": b.train_rate(m, step, batch, len(b.x))}
+
+
+def _inference_rates(b: _Bench) -> dict[str, float]:
+    import torch
+
+    from common.engine import autocast
+    from common.fusion import fuse
+    from common.models import build_transunet
+
+    m_g = b.prep(build_transunet(b.cfg.model)).eval()
+    m_c = b.prep(build_transunet(b.cfg.model)).eval()
+
+    @torch.inference_mode()
+    def single():
+        with autocast(b.device, b.bf16):
+            return torch.sigmoid(m_g(b.x).float()) >= 0.5
+
+    @torch.inference_mode()
+    def fused():
+        with autocast(b.device, b.bf16):
+            p_g = torch.sigmoid(m_g(b.x).float())
+            p_c = torch.sigmoid(m_c(b.x).float())
+        return fuse(p_g, p_c, "entropy")[0] >= 0.5
+
+    t_single = _time(single, b.warmup, b.iters, b.device)
+    t_fused = _time(fused, b.warmup, b.iters, b.device)
+    return {
+        "single_infer_frames_per_s": len(b.x) / t_single,
+        "fused_infer_frames_per_s": len(b.x) / t_fused,
+        "fused_over_single_time": t_fused / t_single,
+    }
+
+
+_MEASURE = {
+    "simmim": _simmim_rate,
+    "contrastive": _contrastive_rate,
+    "finetune": _finetune_rate,
+    "inference": _inference_rates,
+}
+
+
 def run_bench(
     config: str,
     device: str = "cpu",
@@ -46,14 +161,26 @@ def run_bench(
     warmup: int = 2,
     bf16: bool = False,
     channels_last: bool = False,
-    stages: tuple[str, ...] = ("simmim", "contrastive", "finetune", "inference"),
+    stages: tuple[str, ...] = STAGES,
 ) -> dict:
-    """Measure each stage; returns a dict of figures (also what the CLI prints)."""
+    """Measure each stage; returns a dict of figures (also what the CLI prints).
+
+    Raises:
+        typer.BadParameter: an unknown stage name.
+    """
+    import torch
+
+    from common.config import load_experiment
+    from common.engine import bf16_supported
+
+    unknown = [s for s in stages if s not in _MEASURE]
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     cfg = load_experiment(config)
     dev = torch.device(device)
     s = cfg.model.img_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, s, s, generator=g).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, s, s, generator=gen).to(dev)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     out: dict = {
@@ -69,72 +196,9 @@ def run_bench(
         "bf16_requested": bf16,
         "channels_last": channels_last,
     }
-
-    def prep(m: torch.nn.Module) -> torch.nn.Module:
-        m.to(dev)
-        return m.to(memory_format=torch.channels_last) if channels_last else m
-
-    def train_rate(model, step, batch_dict, images: int) -> float:
-        opt = make_optimizer(
-            model.parameters(), cfg.finetune.optim.model_copy(update={"optimizer": "adamw"})
-        )
-
-        def one():
-            with autocast(dev, bf16):
-                loss = step(batch_dict)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return images / _time(one, warmup, iters, dev)
-
-    if "simmim" in stages:
-        m = prep(SimMIMModel(cfg.model)).train()
-        out["simmim_train_img_per_s"] = train_rate(
-            m, simmim_step(m, cfg.simmim, s, g), {"image": x}, batch
-        )
-        del m
-    if "contrastive" in stages:
-        m = prep(ContrastiveModel(cfg.model)).train()
-        b = {
-            "view1": x,
-            "view2": x.flip(-1),
-            "video": torch.arange(batch, device=dev) % 2,
-            "frame": torch.arange(batch, device=dev),
-        }
-        # images/s counts originals (each is seen as two views)
-        out["contrastive_train_img_per_s"] = train_rate(
-            m, contrastive_step(m, MTNXentLoss(0.5, 15)), b, batch
-        )
-        del m
-    if "finetune" in stages:
-        m = prep(build_transunet(cfg.model)).train()
-        b = {"image": x, "mask": (x[:, :1] > 0.5).float()}
-        out["finetune_train_img_per_s"] = train_rate(
-            m, segmentation_step(m, DiceBCELoss()), b, batch
-        )
-        del m
-    if "inference" in stages:
-        m_g = prep(build_transunet(cfg.model)).eval()
-        m_c = prep(build_transunet(cfg.model)).eval()
-
-        @torch.inference_mode()
-        def single():
-            with autocast(dev, bf16):
-                return torch.sigmoid(m_g(x).float()) >= 0.5
-
-        @torch.inference_mode()
-        def fused():
-            with autocast(dev, bf16):
-                p_g = torch.sigmoid(m_g(x).float())
-                p_c = torch.sigmoid(m_c(x).float())
-            return fuse(p_g, p_c, "entropy")[0] >= 0.5
-
-        t_single = _time(single, warmup, iters, dev)
-        t_fused = _time(fused, warmup, iters, dev)
-        out["single_infer_frames_per_s"] = batch / t_single
-        out["fused_infer_frames_per_s"] = batch / t_fused
-        out["fused_over_single_time"] = t_fused / t_single
+    bench = _Bench(cfg, dev, x, gen, bf16, channels_last, warmup, iters)
+    for stage in stages:
+        out.update(_MEASURE[stage](bench))
     return out
 
 
@@ -147,14 +211,14 @@ def bench_command(
     bf16: bool = typer.Option(False, help="bf16 autocast (only where the device supports it)."),
     channels_last: bool = typer.Option(False, help="channels-last memory format."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
-    stages: str = typer.Option(
-        "simmim,contrastive,finetune,inference", help="Comma-separated stages."
-    ),
+    stages: str = typer.Option(",".join(STAGES), help="Comma-separated stages."),
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the figures as JSON here."
     ),
 ) -> None:
     """Print training images/s per stage and fused-inference frames/s for CONFIG on DEVICE."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     res = run_bench(
@@ -164,74 +228,3 @@ def bench_command(
         typer.echo(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
-
-
-def run_pipeline(config: str, run_dir: Path) -> dict:
-    """The federated study's stages called directly, in process, one after the other — no Flower.
-
-    The reference for the Flower overhead: same config, same stage functions, same data; compare its
-    wall time with ``crossprobe simulate``'s. One source + one target (the paper's federation).
-    """
-    from common import stages
-    from common.data.manifest import load_site
-    from common.fl import protocol as p
-    from simulations.sites import ensure_site
-
-    cfg = load_experiment(config)
-    t0 = time.perf_counter()
-    data = {
-        s.role: load_site(ensure_site(s, cfg.model.img_size, run_dir / "data")) for s in cfg.sites
-    }
-    src, tgt = data["source"], data["target"]
-    out = run_dir / "inprocess"
-    times: dict[str, float] = {"data": time.perf_counter() - t0}
-
-    def timed(key: str, fn):
-        t = time.perf_counter()
-        res = fn()
-        times[key] = time.perf_counter() - t
-        return res
-
-    branches = [p.SIMMIM, p.CONTRASTIVE] + ([p.SIMCLR] if cfg.contrastive.simclr_arm else [])
-    encoders = {
-        b: timed(
-            f"pretrain:{b}", lambda b=b: stages.pretrain(cfg, b, tgt, out / f"pretrain-{b}")
-        ).state
-        for b in branches
-    }
-    models = {}
-    for b, enc in encoders.items():
-        arm = p.ARM_OF_BRANCH[b]
-        models[arm] = timed(
-            f"finetune:{arm}",
-            lambda arm=arm, enc=enc: stages.finetune(cfg, src, out / f"ft-{arm}", enc, arm),
-        ).state
-    models[p.LOWER] = timed(
-        "finetune:lower", lambda: stages.finetune(cfg, src, out / "ft-lower", None, p.LOWER)
-    ).state
-    models[p.UPPER] = timed(
-        "finetune:upper", lambda: stages.finetune(cfg, tgt, out / "ft-upper", None, p.UPPER)
-    ).state
-    results = {
-        site.name: timed(
-            f"evaluate:{site.name}",
-            lambda site=site: stages.evaluate(
-                cfg, site, out / f"eval-{site.name}", models, [p.FUSION_PAIR]
-            ),
-        ).metrics
-        for site in (tgt, src)
-    }
-    times["total"] = time.perf_counter() - t0
-    summary = {"config": config, "seconds": times, "metrics": results}
-    (run_dir / "inprocess.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def pipeline_command(
-    config: Path = typer.Option(Path("configs/demo.yaml"), help="Experiment YAML."),
-    run_dir: Path = typer.Option(Path("runs/inprocess"), help="Where data and outputs go."),
-) -> None:
-    """Run the study's stages in process without Flower (the reference for Flower's overhead)."""
-    res = run_pipeline(str(config), run_dir)
-    for k, v in res["seconds"].items():
-        typer.echo(f"{k:28s} {v:8.1f} s")

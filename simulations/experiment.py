@@ -1,4 +1,4 @@
-"""``crossprobe experiment NAME``: a study = one federated run per seed, then the tables (issue 7).
+"""``crossprobe experiment NAME``: a study = one federated run per seed, then the tables.
 
 ``NAME`` is ``configs/experiments/NAME.yaml`` (or a path). Each seed runs the real federated
 workflow (``crossprobe simulate``) in ``<run-root>/<name>/seed-<s>/`` on site data shared by the
@@ -61,6 +61,39 @@ def _done(run_dir: Path, cfg_text: str) -> bool:
     )
 
 
+def _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout) -> None:
+    """One seed's federated run in ``run_dir`` (its config saved as ``experiment.yaml``)."""
+    if fresh and run_dir.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "experiment.yaml"
+    cfg_file.write_text(text)
+    runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
+
+
+def _wall_seconds(run_dir: Path) -> float:
+    sim = run_dir / "simulate.json"
+    return float(json.loads(sim.read_text()).get("seconds", 0.0)) if sim.is_file() else 0.0
+
+
+def write_study(cfg: ExperimentConfig, seeds: list[int], out: Path, walls: list[float]) -> None:
+    """``study.json``, ``study.md`` and ``figures/`` from each seed's ``results.json``."""
+    from server.study import aggregate, render_markdown
+
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in seeds]
+    study = aggregate(cfg, seeds, runs, walls)
+    (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / "study.md").write_text(render_markdown(study))
+    try:
+        from server.study_figures import study_figures  # noqa: PLC0415
+
+        study_figures(study, runs, out / "figures")
+    except ImportError:  # pragma: no cover - matplotlib missing: tables only
+        pass
+
+
 def run_experiment(
     name: str | Path,
     seeds: list[int] | None = None,
@@ -81,10 +114,7 @@ def run_experiment(
         ConfigError: unknown experiment or invalid config. FileNotFoundError: ``report_only`` and a
         seed has no results. ``SimulationError``: a seed's run failed (earlier seeds are kept).
     """
-    from server.study import aggregate, render_markdown
-
-    path = resolve(name)
-    cfg = load_experiment(path)
+    cfg = load_experiment(resolve(name))
     seeds = list(seeds) if seeds else list(cfg.study.seeds)
     out = Path(run_root).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -95,46 +125,19 @@ def run_experiment(
     for i, seed in enumerate(seeds, 1):
         run_dir = out / f"seed-{seed}"
         text = dump_experiment(seed_config(cfg, seed))
+        where = f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)})"
         if report_only or (not fresh and _done(run_dir, text)):
             if not (run_dir / "results.json").is_file():
                 raise FileNotFoundError(f"{run_dir / 'results.json'}: seed {seed} has not been run")
-            log(
-                f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)}): done earlier, reusing {run_dir}"
-            )
+            log(f"{where}: done earlier, reusing {run_dir}")
         else:
-            log(f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)}): running → {run_dir}")
-            if fresh and run_dir.exists():
-                import shutil  # noqa: PLC0415
-
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg_file = run_dir / "experiment.yaml"
-            cfg_file.write_text(text)
-            runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
-            elapsed = time.monotonic() - t0
-            left = len(seeds) - i
-            log(
-                f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far"
-                + (
-                    f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)"
-                    if left
-                    else ""
-                )
-            )
-        sim = run_dir / "simulate.json"
-        walls.append(
-            float(json.loads(sim.read_text()).get("seconds", 0.0)) if sim.is_file() else 0.0
-        )
-    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in seeds]
-    study = aggregate(cfg, seeds, runs, walls)
-    (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
-    (out / "study.md").write_text(render_markdown(study))
-    try:
-        from server.study_figures import study_figures  # noqa: PLC0415
-
-        study_figures(study, runs, out / "figures")
-    except ImportError:  # pragma: no cover - matplotlib missing: tables only
-        pass
+            log(f"{where}: running → {run_dir}")
+            _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout)
+            elapsed, left = time.monotonic() - t0, len(seeds) - i
+            eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
+            log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
+        walls.append(_wall_seconds(run_dir))
+    write_study(cfg, seeds, out, walls)
     log(f"[experiment {cfg.name}] study: {out / 'study.md'}")
     return out
 

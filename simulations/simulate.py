@@ -1,10 +1,10 @@
 """`crossprobe simulate`: the whole federated study on simulated sites, with Flower's own runtime.
 
 It makes each site's synthetic data in that site's own folder (if absent), runs
-``flwr run <app> local --stream`` (managed local SuperLink in simulation mode, one SuperNode per site,
-run-local ``FLWR_HOME``, free ports, no runtime dependency installation, no telemetry), decides
-success from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed), always stops the
-SuperLink / Ray processes it started, and leaves everything in ``runs/NAME/``:
+``flwr run <app> local --stream`` (managed local SuperLink in simulation mode, one SuperNode per
+site, run-local ``FLWR_HOME``, free ports, no runtime dependency installation, no telemetry),
+decides success from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed), always
+stops the SuperLink / Ray processes it started, and leaves everything in ``runs/NAME/``:
 
     report.md, results.json   written by the ServerApp only when the run completed
     config.yaml               the experiment used;   run-config.toml  the run settings used
@@ -167,6 +167,99 @@ def run_status(flwr: str, run_id: int, env: dict[str, str]) -> dict:
     return runs[0] if runs else data
 
 
+def _prepare_run_dir(cfg, config: Path, run_dir: Path | None, fresh: bool) -> Path:
+    """The run folder, emptied first when ``fresh`` (only if it is a crossprobe run folder)."""
+    if not cfg.sites:
+        raise typer.BadParameter(
+            f"{config}: the experiment lists no sites to simulate", param_hint="config"
+        )
+    run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    if fresh and run_dir.exists():
+        if not (run_dir / "phases.json").exists() and any(run_dir.iterdir()):
+            raise typer.BadParameter(f"{run_dir} is not a crossprobe run folder; not deleting it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise SimulationError(f"{APP_DIR}: no pyproject.toml; run from a checkout of crossprobe")
+    return run_dir
+
+
+def _flwr_command(config: Path, run_dir: Path, sites_root: Path, n: int, cpus: float, env) -> list:
+    """``flwr run <app> local --stream`` with the federation size and this run's settings (written
+    to ``run-config.toml`` in the run folder)."""
+    run_config = {
+        "experiment": str(Path(config).resolve()),
+        "run-dir": str(run_dir),
+        "sites-root": str(sites_root),
+    }
+    rc_path = run_dir / "run-config.toml"
+    rc_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
+    return [
+        flwr,
+        "run",
+        str(APP_DIR),
+        "local",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={n} client-resources-num-cpus={_toml_value(cpus)}",
+        "--run-config",
+        str(rc_path),
+    ]
+
+
+def _stream_run(cmd: list, env, flwr_home: Path, t0: float, timeout: float) -> int:
+    """Run ``flwr run --stream``, echo its output, return the run id it started.
+
+    Raises:
+        SimulationError: no run was started, or ``timeout`` seconds passed.
+    """
+    run_id: int | None = None
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=APP_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if run_id is None and (m := _RUN_ID.search(line)):
+            run_id = int(m.group(1))
+        if timeout and time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise SimulationError(f"gave up after {timeout:.0f} s (run {run_id})")
+    proc.wait()
+    if run_id is None:
+        raise SimulationError(
+            f"flwr run did not start a run (exit code {proc.returncode}); "
+            f"see {flwr_home / 'local-superlink' / 'superlink.log'}"
+        )
+    return run_id
+
+
+def _verdict(summary: dict, run_dir: Path, say) -> None:
+    """Write ``simulate.json``; raise unless the run finished completed.
+
+    Raises:
+        SimulationError: naming the reason the ServerApp recorded in ``FAILED.json``.
+    """
+    phases_file = run_dir / "phases.json"
+    if phases_file.exists():
+        summary["phases"] = json.loads(phases_file.read_text())["completed"]
+    (run_dir / "simulate.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run_id, status = summary["run_id"], summary["status"]
+    if status != "finished:completed":
+        failed = run_dir / "FAILED.json"
+        why = json.loads(failed.read_text())["error"] if failed.exists() else "see the log above"
+        say(f"run {run_id} ended {status}: {why}")
+        raise SimulationError(f"run {run_id} did not complete ({status}): {why}")
+    say(f"run {run_id} finished:completed in {summary['seconds']} s → {run_dir / 'report.md'}")
+
+
 def run_simulation(
     config: Path,
     run_dir: Path | None = None,
@@ -183,6 +276,7 @@ def run_simulation(
             the ServerApp recorded them), or Flower could not start.
     """
     from common.config import load_experiment
+    from simulations.sites import ensure_site
 
     t0 = time.monotonic()
 
@@ -190,84 +284,23 @@ def run_simulation(
         typer.echo(f"[simulate {time.monotonic() - t0:7.1f}s] {text}")
 
     cfg = load_experiment(config)
-    if not cfg.sites:
-        raise typer.BadParameter(
-            f"{config}: the experiment lists no sites to simulate", param_hint="config"
-        )
-    run_dir = (run_dir or Path("runs") / cfg.name).resolve()
-    if fresh and run_dir.exists():
-        if not (run_dir / "phases.json").exists() and any(run_dir.iterdir()):
-            raise typer.BadParameter(f"{run_dir} is not a crossprobe run folder; not deleting it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (APP_DIR / "pyproject.toml").is_file():
-        raise SimulationError(f"{APP_DIR}: no pyproject.toml; run from a checkout of crossprobe")
-
-    # 1. each site's data in its own folder
-    from simulations.sites import ensure_site
-
+    run_dir = _prepare_run_dir(cfg, config, run_dir, fresh)
     sites_root = Path(sites_root).resolve() if sites_root else run_dir / "data"
-    for site in cfg.sites:
+    for site in cfg.sites:  # each site's data in its own folder
         say(f"site {site.name} ({site.role}): data")
-        path = ensure_site(site, cfg.model.img_size, sites_root)
-        say(f"site {site.name}: {path}")
-
-    # 2. the Flower run
+        say(f"site {site.name}: {ensure_site(site, cfg.model.img_size, sites_root)}")
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     env = flower_env(flwr_home)
-    run_config = {
-        "experiment": str(Path(config).resolve()),
-        "run-dir": str(run_dir),
-        "sites-root": str(sites_root),
-    }
-    rc_path = run_dir / "run-config.toml"
-    rc_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-    flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
     # one ClientApp with every core beat two side by side with one core each (demo: 500 vs 521 s)
     cpus = cpus_per_site or float(os.cpu_count() or 1)
-    n = len(cfg.sites)
-    cmd = [
-        flwr,
-        "run",
-        str(APP_DIR),
-        "local",
-        "--stream",
-        "--federation-config",
-        f"num-supernodes={n} client-resources-num-cpus={_toml_value(cpus)}",
-        "--run-config",
-        str(rc_path),
-    ]
-    say(f"flwr run: {n} SuperNodes, FLWR_HOME={flwr_home}")
-    run_id: int | None = None
-    status: dict = {}
-    t_run = time.monotonic()
+    cmd = _flwr_command(config, run_dir, sites_root, len(cfg.sites), cpus, env)
+    say(f"flwr run: {len(cfg.sites)} SuperNodes, FLWR_HOME={flwr_home}")
+    run_id, status, t_run = None, {}, time.monotonic()
     summary: dict = {"config": str(Path(config).resolve()), "run_dir": str(run_dir), "command": cmd}
     try:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=APP_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if run_id is None and (m := _RUN_ID.search(line)):
-                run_id = int(m.group(1))
-            if timeout and time.monotonic() - t0 > timeout:
-                proc.kill()
-                raise SimulationError(f"gave up after {timeout:.0f} s (run {run_id})")
-        proc.wait()
-        if run_id is None:
-            raise SimulationError(
-                f"flwr run did not start a run (exit code {proc.returncode}); "
-                f"see {flwr_home / 'local-superlink' / 'superlink.log'}"
-            )
-        status = run_status(flwr, run_id, env)
+        run_id = _stream_run(cmd, env, flwr_home, t0, timeout)
+        status = run_status(cmd[0], run_id, env)
     finally:
         stopped = stop_processes(flwr_home)
         if stopped:
@@ -278,16 +311,7 @@ def run_simulation(
         flwr_seconds=round(time.monotonic() - t_run, 1),
         seconds=round(time.monotonic() - t0, 1),
     )
-    phases_file = run_dir / "phases.json"
-    if phases_file.exists():
-        summary["phases"] = json.loads(phases_file.read_text())["completed"]
-    (run_dir / "simulate.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if status.get("status") != "finished:completed":
-        failed = run_dir / "FAILED.json"
-        why = json.loads(failed.read_text())["error"] if failed.exists() else "see the log above"
-        say(f"run {run_id} ended {status.get('status')}: {why}")
-        raise SimulationError(f"run {run_id} did not complete ({status.get('status')}): {why}")
-    say(f"run {run_id} finished:completed in {summary['seconds']} s → {run_dir / 'report.md'}")
+    _verdict(summary, run_dir, say)
     return summary
 
 
@@ -318,11 +342,3 @@ def simulate_command(
     except SimulationError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-
-
-def main() -> None:  # pragma: no cover - `python -m simulations.simulate`
-    typer.run(simulate_command)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,7 +1,7 @@
 """Materialise a simulated site: render the phantom and write the canonical layout.
 
 ``synth_site`` writes ``dataset.yaml``, ``manifest.csv``, ``frames/`` and ``masks/`` exactly as
-``shared/docs/data.md`` says, through the same writer the real-data ingest uses. ``ensure_site``
+``docs/data.md`` says, through the same writers the real-data ingest uses. ``ensure_site``
 is what the simulation calls: it generates a site only when it is absent or was made from another
 config, writing into a temporary folder that is renamed at the end so a crash never leaves a half
 site that looks complete. Same seed ⇒ byte-identical files.
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from common.config import SiteConfig, SynthConfig
+from common.data.images import save_png
 from common.data.manifest import (
     DataError,
     FrameRow,
@@ -101,13 +101,6 @@ def plan_site(site: SiteConfig, img_size: int) -> list[VideoJob]:
     return jobs
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(
-        path, format="PNG", compress_level=6
-    )
-
-
 def _run_job(args: tuple[VideoJob, str]) -> tuple[list[FrameRow], float]:
     job, out = args
     root = Path(out)
@@ -115,12 +108,12 @@ def _run_job(args: tuple[VideoJob, str]) -> tuple[list[FrameRow], float]:
     rows = []
     for t in range(job.spec.n_frames):
         img_rel = frame_relpath("frames", job.patient_id, job.video_id, t)
-        _save_png(vid.frames[t], root / img_rel)
+        save_png(vid.frames[t], root / img_rel)
         labeled = job.labeled_every > 0 and t % job.labeled_every == 0
         mask_rel = ""
         if labeled:
             mask_rel = frame_relpath("masks", job.patient_id, job.video_id, t)
-            _save_png(vid.labels[t], root / mask_rel)
+            save_png(vid.labels[t], root / mask_rel)
         rows.append(
             FrameRow(
                 patient_id=job.patient_id,
@@ -188,6 +181,67 @@ def _provenance(site: SiteConfig, img_size: int) -> dict[str, Any]:
     }
 
 
+def _render_jobs(
+    jobs: list[VideoJob], out: Path, workers: int, prog: Progress
+) -> list[tuple[list[FrameRow], float]]:
+    """Render and write every job's video under ``out``, in job order; (rows, mm per frame) each.
+
+    Small sites are rendered in this process; larger ones in a pool of ``workers`` processes.
+    """
+    n_frames = sum(j.spec.n_frames for j in jobs)
+    results: list[tuple[list[FrameRow], float]] = []
+    args = [(j, str(out)) for j in jobs]
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1 or n_frames < _IN_PROCESS_FRAMES:
+        for a in args:
+            results.append(_run_job(a))
+            prog.update(len(results[-1][0]))
+    else:
+        # fork: no re-import of the caller's __main__ (spawn would need a main guard); the
+        # workers use numpy/scipy/Pillow only, never torch
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(workers) as pool:
+            for res in pool.imap(_run_job, args):
+                results.append(res)
+                prog.update(len(res[0]))
+    return results
+
+
+def _site_meta(site: SiteConfig, img_size: int, steps: list[float]) -> dict[str, Any]:
+    """The ``dataset.yaml`` of a synthetic site; ``steps``: each video's sweep mm per frame."""
+    assert site.synth is not None
+    preset = get_site_preset(site.synth.preset)
+    dev = get_device(preset.device)
+    h, w = frame_shape(dev, int(site.synth.img_size or img_size))
+    return {
+        "name": site.name,
+        "role": site.role,
+        "domain": site.role,
+        "device": dev.name,
+        "labels": {0: "background", **LABELS},
+        "mask": {"semantics": site.synth.mask, "band_mm": site.synth.band_mm},
+        "frame_size": [h, w],
+        "sweep_mm_per_frame": {
+            "mean": round(float(np.mean(steps)), 4),
+            "min": round(float(np.min(steps)), 4),
+            "max": round(float(np.max(steps)), 4),
+        },
+        "provenance": _provenance(site, img_size),
+    }
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir``; an existing ``out_dir`` is moved aside
+    first and deleted only after the swap."""
+    if out_dir.exists():  # overwrite: move the old one aside first, then swap
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def synth_site(
     site: SiteConfig,
     img_size: int,
@@ -214,49 +268,11 @@ def synth_site(
     try:
         n_frames = sum(j.spec.n_frames for j in jobs)
         prog = Progress(f"synth {site.name}", len(jobs), n_frames, progress)
-        results: list[tuple[list[FrameRow], float]] = []
-        args = [(j, str(tmp)) for j in jobs]
-        workers = max(1, min(int(workers), len(jobs)))
-        if workers == 1 or n_frames < _IN_PROCESS_FRAMES:
-            for a in args:
-                results.append(_run_job(a))
-                prog.update(len(results[-1][0]))
-        else:
-            # fork: no re-import of the caller's __main__ (spawn would need a main guard); the
-            # workers use numpy/scipy/Pillow only, never torch
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(workers) as pool:
-                for res in pool.imap(_run_job, args):
-                    results.append(res)
-                    prog.update(len(res[0]))
+        results = _render_jobs(jobs, tmp, workers, prog)
         rows = [r for rs, _ in results for r in rs]
         steps = [m for _, m in results]
-        preset = get_site_preset(site.synth.preset)
-        dev = get_device(preset.device)
-        h, w = frame_shape(dev, int(site.synth.img_size or img_size))
-        meta = {
-            "name": site.name,
-            "role": site.role,
-            "domain": site.role,
-            "device": dev.name,
-            "labels": {0: "background", **LABELS},
-            "mask": {"semantics": site.synth.mask, "band_mm": site.synth.band_mm},
-            "frame_size": [h, w],
-            "sweep_mm_per_frame": {
-                "mean": round(float(np.mean(steps)), 4),
-                "min": round(float(np.min(steps)), 4),
-                "max": round(float(np.max(steps)), 4),
-            },
-            "provenance": _provenance(site, img_size),
-        }
-        write_site_files(tmp, meta, rows)
-        if out_dir.exists():  # overwrite: move the old one aside first, then swap
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        write_site_files(tmp, _site_meta(site, img_size, steps), rows)
+        _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

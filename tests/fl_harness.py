@@ -23,6 +23,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 
+from server.app import default_run_config
+
 RUN_ID = 4242
 
 
@@ -162,6 +164,7 @@ def site_grid(client_app: ClientApp, exp, run_dir, sites_root, n: int = 2, **rc)
     """An in-process grid of ``n`` simulated nodes running ``client_app`` for experiment ``exp``,
     with short timeouts; ``rc`` overrides run-config keys."""
     run_config = {
+        **default_run_config(),
         "experiment": str(exp),
         "run-dir": str(run_dir),
         "sites-root": str(sites_root),

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from clients.app import app as client_app
 from clients.site import known_site
 from common.config import dump_experiment, load_experiment
-from common.fl import audit
-from common.fl import protocol as p
+from common.fl import audit, contract, ledger, messages, schema
+from common.fl.describe import describe
 from server.app import app as server_app
 from server.workflow import WorkflowError
 from tests.fl_harness import InProcessGrid, run_server, site_grid, task_identity
@@ -115,13 +115,9 @@ def _copy(run: Path, tmp: Path) -> Path:
 
 
 def _audit_cli(*args: str):
-    import typer
+    from crossprobe.cli import app
 
-    from simulations.audit_cli import audit_command
-
-    app = typer.Typer()
-    app.command()(audit_command)
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(app, ["audit", *args])
 
 
 # ------------------------------------------------------------------ a clean run
@@ -129,8 +125,8 @@ def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_r
     # Prepare
     run, _, _ = clean_run
     cfg = load_experiment(run / "config.yaml")
-    enc = audit.schema_bytes(audit.model_schema(cfg, p.ENCODER))
-    mdl = audit.schema_bytes(audit.model_schema(cfg, p.MODEL))
+    enc = schema.schema_bytes(schema.model_schema(cfg, contract.ENCODER))
+    mdl = schema.schema_bytes(schema.model_schema(cfg, contract.MODEL))
 
     def saved(phase: str) -> int:  # what the server kept of each phase, as state dicts
         return sum(
@@ -145,7 +141,7 @@ def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_r
     assert report.ok, report.render()
     # 11 requests + replies: 2 query, 2 pretrain, 4 finetune, 3 evaluate (2 test + source val)
     assert len(report.ledgers) == 3 and report.checked["matched messages"] == 22
-    server = {(ph, d): n for (party, ph, d), n in report.bytes.items() if party == audit.SERVER}
+    server = {(ph, d): n for (party, ph, d), n in report.bytes.items() if party == ledger.SERVER}
     assert server["pretrain", "in"] == saved("pretrain") == 2 * enc  # SimMIM + MT-NXent encoders
     assert server["finetune", "in"] == saved("finetune") == 4 * mdl  # simmim, mtnxent, lower, upper
     assert server["finetune", "out"] == 2 * enc  # the two encoders go to the source
@@ -196,7 +192,7 @@ def _tamper(lines: list[str], how: str, k: int) -> list[str]:
     if how == "edit":
         entry = json.loads(lines[k - 1])
         entry["time"] = "2000-01-01T00:00:00.000Z"
-        lines[k - 1] = audit.canonical(entry)
+        lines[k - 1] = ledger.canonical(entry)
     elif how == "delete":
         del lines[k - 1]
     elif how == "reorder":
@@ -227,12 +223,12 @@ def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
     path = run / "sites" / "telemed" / "ledger.jsonl"
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     path.unlink()
-    ledger = audit.Ledger(path)
+    forged = ledger.Ledger(path)
     for e in entries:
         for rec in e["records"]:
             for a in rec.get("arrays", []):
                 a["sha256"] = "0" * 64
-        ledger.append({k: v for k, v in e.items() if k not in ("seq", "prev", "hash")})
+        forged.append({k: v for k, v in e.items() if k not in ("seq", "prev", "hash")})
     # Execute
     result = _audit_cli(str(run))
     # Assert: the chain is intact, but the server's ledger tells another story
@@ -257,14 +253,14 @@ def _frame() -> torch.Tensor:
 def _extra_record(monkeypatch):
     import clients.app
 
-    honest = p.pack_weights_reply
+    honest = messages.pack_weights_reply
 
     def leaky(record, state, metrics, n):
         rd = honest(record, state, metrics, n)
         rd["frames"] = ArrayRecord({"f": _frame()})
         return rd
 
-    monkeypatch.setattr(clients.app.p, "pack_weights_reply", leaky)
+    monkeypatch.setattr(clients.app.messages, "pack_weights_reply", leaky)
 
 
 def _smuggle_state(change):
@@ -311,7 +307,7 @@ def test_a_smuggled_frame_is_refused_on_the_site(
     # Assert: the run ends naming site, phase and violation; nothing of the reply was uploaded
     msg = str(err.value)
     assert "site 'telemed'" in msg and "phase 'pretrain'" in msg and reason in msg, msg
-    pre = [s for s in grid.log if s.message_type == p.TRAIN_PRETRAIN]
+    pre = [s for s in grid.log if s.message_type == contract.TRAIN_PRETRAIN]
     assert pre and all(s.error and s.records_in == () for s in pre)
     assert reason in json.loads((run / "FAILED.json").read_text())["error"]
     # the site's ledger keeps the refusal; the audit passes (nothing crossed) and reports it
@@ -352,7 +348,7 @@ def test_a_frame_as_a_score_list_is_refused(
     assert "phase 'evaluate'" in msg and "'frame/dice'" in msg and "list of 4096 numbers" in msg, (
         msg
     )
-    assert all(s.records_in == () for s in grid.log if s.message_type == p.EVALUATE_SEGMENT)
+    assert all(s.records_in == () for s in grid.log if s.message_type == contract.EVALUATE_SEGMENT)
 
 
 def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, flower_identity):
@@ -381,62 +377,62 @@ def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, fl
 # ------------------------------------------------------------------ the check itself
 def test_check_refuses_payloads_metrics_and_cards_that_could_carry_a_frame():
     cfg = load_experiment("configs/tiny.yaml")
-    schema = audit.model_schema(cfg, p.ENCODER)
-    name, (shape, dtype) = next(iter(schema.items()))
-    honest = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in schema.items()}
+    encoder = schema.model_schema(cfg, contract.ENCODER)
+    name, (shape, dtype) = next(iter(encoder.items()))
+    honest = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in encoder.items()}
 
     def reply(**records) -> list[dict]:
-        return audit.describe(RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3}), **records}))
+        return describe(RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3}), **records}))
 
     # honest weights pass
-    audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=ArrayRecord(honest)), cfg)
+    contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=ArrayRecord(honest)), cfg)
     # declared shape/dtype say "parameter", the .npy payload is a frame
     forged = ArrayRecord(honest)
     big = Array.from_numpy_ndarray(np.random.rand(64, 64).astype(np.float32))
     forged[name] = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=big.data)
-    with pytest.raises(audit.ContractViolation, match=f"array '{name}'.*payload"):
-        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=forged), cfg)
+    with pytest.raises(contract.ContractViolation, match=f"array '{name}'.*payload"):
+        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=forged), cfg)
     # a missing parameter
-    with pytest.raises(audit.ContractViolation, match="lacks 1 parameter"):
+    with pytest.raises(contract.ContractViolation, match="lacks 1 parameter"):
         partial = ArrayRecord({k: v for k, v in honest.items() if k != name})
-        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, reply(encoder=partial), cfg)
+        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=partial), cfg)
     # score vectors: bounded by the evaluated images; lists only in score records
     ok = reply(scores=MetricRecord({"a/dice": [0.5, 0.6, 0.7]}))
-    audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, ok, cfg)
-    with pytest.raises(audit.ContractViolation, match="list of 4 numbers, more than the 3"):
-        audit.check(
-            "reply", p.EVALUATE_SEGMENT, p.SOURCE, reply(scores=MetricRecord({"a": [0.1] * 4})), cfg
+    contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, ok, cfg)
+    with pytest.raises(contract.ContractViolation, match="list of 4 numbers, more than the 3"):
+        contract.check(
+            "reply", contract.EVALUATE_SEGMENT, contract.SOURCE, reply(scores=MetricRecord({"a": [0.1] * 4})), cfg
         )
-    with pytest.raises(audit.ContractViolation, match="more than the 2"):
-        audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, ok, cfg, max_list=2)
+    with pytest.raises(contract.ContractViolation, match="more than the 2"):
+        contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, ok, cfg, max_list=2)
     # per-patient means (a study's per-patient test) obey the same bound
     pat = {"patient-scores": MetricRecord({"a/dice": [0.5] * 4})}
-    with pytest.raises(audit.ContractViolation, match="'patient-scores' is a list of 4"):
-        audit.check("reply", p.EVALUATE_SEGMENT, p.TARGET, reply(**pat), cfg)
-    many = audit.describe(
-        RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3, "px": [0.0, 1.0]})})
+    with pytest.raises(contract.ContractViolation, match="'patient-scores' is a list of 4"):
+        contract.check("reply", contract.EVALUATE_SEGMENT, contract.TARGET, reply(**pat), cfg)
+    many = describe(
+        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3, "px": [0.0, 1.0]})})
     )
-    with pytest.raises(audit.ContractViolation, match="only score vectors"):
-        audit.check("reply", p.EVALUATE_SEGMENT, p.SOURCE, many, cfg)
+    with pytest.raises(contract.ContractViolation, match="only score vectors"):
+        contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, many, cfg)
     # a frame spelled out in metric names
-    named = audit.describe(
-        RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 3, "f" * 4096: 1.0})})
+    named = describe(
+        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3, "f" * 4096: 1.0})})
     )
-    with pytest.raises(audit.ContractViolation, match="4096 characters"):
-        audit.check("reply", p.TRAIN_PRETRAIN, p.TARGET, named, cfg)
+    with pytest.raises(contract.ContractViolation, match="4096 characters"):
+        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, named, cfg)
     # a site card carrying bytes
-    card = audit.describe(
-        RecordDict({p.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
+    card = describe(
+        RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
     )
-    with pytest.raises(audit.ContractViolation, match="'blob' is not a short scalar"):
-        audit.check("reply", p.QUERY_SITE, p.TARGET, card, None)
+    with pytest.raises(contract.ContractViolation, match="'blob' is not a short scalar"):
+        contract.check("reply", contract.QUERY_SITE, contract.TARGET, card, None)
 
 
 def test_ledger_chains_each_entry_to_the_previous_one(tmp_path):
-    ledger = audit.Ledger(tmp_path / "l.jsonl")
-    a = ledger.append({"event": "x", "n": 1})
-    b = ledger.append({"event": "x", "n": 2})
-    assert a["prev"] == audit.GENESIS and b["prev"] == a["hash"] == audit.entry_hash(a)
+    book = ledger.Ledger(tmp_path / "l.jsonl")
+    a = book.append({"event": "x", "n": 1})
+    b = book.append({"event": "x", "n": 2})
+    assert a["prev"] == ledger.GENESIS and b["prev"] == a["hash"] == ledger.entry_hash(a)
     assert (a["seq"], b["seq"]) == (1, 2)
-    lf = audit.read_ledger(tmp_path / "l.jsonl")
+    lf = ledger.read_ledger(tmp_path / "l.jsonl")
     assert lf.chain_error == "" and lf.head == b["hash"]

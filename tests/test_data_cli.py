@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from simulations.data_cli import data_app
+from crossprobe.data import data_app
 
 
 def test_synth_validate_export(tmp_path: Path):

@@ -15,10 +15,22 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from simulations import deploy
+from crossprobe.cli import app as crossprobe_cli
+from deploy.argv import (
+    clientapp_executor_argv,
+    connection_toml,
+    node_config,
+    serverapp_executor_argv,
+    superlink_argv,
+    supernode_argv,
+)
+from deploy.certs import make_certs
+from deploy.compose import APP_DIR, COMPOSE_FILES, render_compose
+from deploy.launch import launch, register_keys, wait_tls
+from simulations.demo_data import demo_data
 from simulations.simulate import flower_env, started_processes
 
-ROOT = deploy.APP_DIR
+ROOT = APP_DIR
 SITES = {"lumify": "source", "telemed": "target"}  # configs/tiny.yaml
 
 
@@ -27,13 +39,13 @@ def _compose(path: str) -> dict:
     return yaml.safe_load((ROOT / path).read_text())
 
 
-@pytest.mark.parametrize("path", list(deploy.COMPOSE_FILES))
+@pytest.mark.parametrize("path", list(COMPOSE_FILES))
 def test_compose_file_is_the_generated_one(path):
-    # Prepare / Execute: what `python -m simulations.deploy compose --write` would write
-    expected = deploy.render_compose(path)
-    # Assert: the committed file and the command lines in simulations/deploy.py agree
+    # Prepare / Execute: what `crossprobe compose --write` would write
+    expected = render_compose(path)
+    # Assert: the committed file and the command lines in deploy/argv.py agree
     assert (ROOT / path).read_text() == expected, (
-        f"{path} is stale: run python -m simulations.deploy compose --write"
+        f"{path} is stale: run crossprobe compose --write"
     )
 
 
@@ -41,18 +53,18 @@ def test_demo_compose_commands_come_from_the_one_place():
     # Prepare
     services = _compose("docker-compose.yml")["services"]
     # Assert
-    assert services["superlink"]["command"] == deploy.superlink_argv(
+    assert services["superlink"]["command"] == superlink_argv(
         "/certs", "0.0.0.0", 9093, "/state/state.db"
     )
-    assert services["serverapp"]["command"] == deploy.serverapp_executor_argv(
+    assert services["serverapp"]["command"] == serverapp_executor_argv(
         "/certs", "superlink:9093"
     )
     for site, role in SITES.items():
-        nc = deploy.node_config(site, role, f"/data/{site}", "/outputs")
-        assert services[f"supernode-{site}"]["command"] == deploy.supernode_argv(
+        nc = node_config(site, role, f"/data/{site}", "/outputs")
+        assert services[f"supernode-{site}"]["command"] == supernode_argv(
             "/certs", "superlink:9093", "0.0.0.0", 9094, nc
         )
-        assert services[f"clientapp-{site}"]["command"] == deploy.clientapp_executor_argv(
+        assert services[f"clientapp-{site}"]["command"] == clientapp_executor_argv(
             "/certs", f"supernode-{site}:9094"
         )
 
@@ -74,7 +86,7 @@ def test_each_site_data_volume_is_mounted_read_only_in_that_site_only():
     assert services["init"]["command"][-1].count("--site") == len(SITES)
 
 
-@pytest.mark.parametrize("path", list(deploy.COMPOSE_FILES))
+@pytest.mark.parametrize("path", list(COMPOSE_FILES))
 def test_every_flower_service_uses_tls_and_nothing_is_insecure(path):
     # Prepare
     spec = _compose(path)
@@ -118,7 +130,7 @@ def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
 
     # Execute
     res = CliRunner().invoke(
-        deploy.cli,
+        crossprobe_cli,
         [
             "certs",
             "--out",
@@ -165,16 +177,16 @@ def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
 
 def test_certs_rerun_keeps_existing_files_and_adds_a_site(tmp_path):
     # Prepare
-    deploy.make_certs(tmp_path, ["lumify"])
+    make_certs(tmp_path, ["lumify"])
     before = (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes()
     # Execute
-    written = deploy.make_certs(tmp_path, ["lumify", "newsite"])
+    written = make_certs(tmp_path, ["lumify", "newsite"])
     # Assert
     assert (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes() == before
     assert all("newsite" in str(p) for p in written)
     assert (
         CliRunner()
-        .invoke(deploy.cli, ["certs", "--out", str(tmp_path), "--site", "Bad Name"])
+        .invoke(crossprobe_cli, ["certs", "--out", str(tmp_path), "--site", "Bad Name"])
         .exit_code
         != 0
     )
@@ -183,7 +195,7 @@ def test_certs_rerun_keeps_existing_files_and_adds_a_site(tmp_path):
 # ------------------------------------------------------------------ preflight
 @pytest.fixture(scope="module")
 def site_data(tmp_path_factory) -> Path:
-    return deploy.demo_data(ROOT / "configs" / "tiny.yaml", tmp_path_factory.mktemp("data"))[0]
+    return demo_data(ROOT / "configs" / "tiny.yaml", tmp_path_factory.mktemp("data"))[0]
 
 
 def _free_port() -> int:
@@ -193,11 +205,11 @@ def _free_port() -> int:
 
 
 def _preflight(*args: str):
-    return CliRunner().invoke(deploy.cli, ["preflight", "--timeout", "1", *args])
+    return CliRunner().invoke(crossprobe_cli, ["preflight", "--timeout", "1", *args])
 
 
 def test_preflight_ready_site_exits_0(tmp_path, site_data):
-    deploy.make_certs(tmp_path / "certs", ["lumify"])
+    make_certs(tmp_path / "certs", ["lumify"])
     res = _preflight("--data", str(site_data), "--certs", str(tmp_path / "certs/sites/lumify"),
                      "--flwr-home", str(tmp_path / "home"))  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -220,7 +232,7 @@ def _wrong_pub(tmp: Path, data: Path) -> tuple[list[str], str]:
 
 
 def _foreign_ca(tmp: Path, data: Path) -> tuple[list[str], str]:
-    deploy.make_certs(tmp / "other", ["lumify"])
+    make_certs(tmp / "other", ["lumify"])
     for f in ("runtime.crt", "runtime.key"):
         (tmp / "certs/sites/lumify" / f).write_bytes((tmp / "other/sites/lumify" / f).read_bytes())
     return ["--certs", str(tmp / "certs/sites/lumify")], "runtime.crt: not signed by the CA"
@@ -265,7 +277,7 @@ def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
     tmp_path, site_data, breaker, code
 ):
     # Prepare: a ready site, then break one thing
-    deploy.make_certs(tmp_path / "certs", ["lumify", "telemed"])
+    make_certs(tmp_path / "certs", ["lumify", "telemed"])
     args, culprit = breaker(tmp_path, site_data)
     if "--flwr-home" not in args:
         args += ["--flwr-home", str(tmp_path / "home")]
@@ -348,33 +360,33 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tmp_path):
     # Prepare: certificates (plus a key nobody registers), each site's data in its own folder
     certs = tmp_path / "certs"
-    deploy.make_certs(certs, [*SITES, "rogue"])
+    make_certs(certs, [*SITES, "rogue"])
     data = {
         p.parent.name: p
-        for p in deploy.demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")
+        for p in demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")
     }
     port = _free_port()
     superlink = f"127.0.0.1:{port}"
     sl_certs = str(certs / "superlink")
     topology.start(
-        "superlink", deploy.superlink_argv(sl_certs, "127.0.0.1", port, str(tmp_path / "state.db"))
+        "superlink", superlink_argv(sl_certs, "127.0.0.1", port, str(tmp_path / "state.db"))
     )
-    deploy.wait_tls(superlink, certs / "superlink" / "ca.crt", 60)
-    topology.start("serverapp", deploy.serverapp_executor_argv(sl_certs, superlink))
+    wait_tls(superlink, certs / "superlink" / "ca.crt", 60)
+    topology.start("serverapp", serverapp_executor_argv(sl_certs, superlink))
     cli_env = topology.env("cli")
     (Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
-        deploy.connection_toml(superlink, str(certs / "superlink" / "ca.crt"))
+        connection_toml(superlink, str(certs / "superlink" / "ca.crt"))
     )
     keys = {s: certs / "superlink" / "supernodes" / f"{s}.pub" for s in SITES}
-    assert set(deploy.register_keys(keys, cli_env)) == set(SITES)
+    assert set(register_keys(keys, cli_env)) == set(SITES)
     for site, role in SITES.items():
         rport, sc = _free_port(), str(certs / "sites" / site)
-        nc = deploy.node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site))
+        nc = node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site))
         topology.start(
-            f"supernode-{site}", deploy.supernode_argv(sc, superlink, "127.0.0.1", rport, nc)
+            f"supernode-{site}", supernode_argv(sc, superlink, "127.0.0.1", rport, nc)
         )
         topology.start(
-            f"clientapp-{site}", deploy.clientapp_executor_argv(sc, f"127.0.0.1:{rport}")
+            f"clientapp-{site}", clientapp_executor_argv(sc, f"127.0.0.1:{rport}")
         )
     for site in SITES:
         _wait_for(
@@ -384,9 +396,9 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
         )
 
     # Execute + Assert 1: a SuperNode whose key was never registered is refused
-    rogue = topology.run("rogue", deploy.supernode_argv(
+    rogue = topology.run("rogue", supernode_argv(
         str(certs / "sites" / "rogue"), superlink, "127.0.0.1", _free_port(),
-        deploy.node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue")), max_retries=1,
+        node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue")), max_retries=1,
     ))  # fmt: skip
     assert rogue.returncode != 0 and "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
     assert "No SuperNode found with the given public key" in topology.log("superlink")
@@ -400,7 +412,7 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
 
     # Execute 3: the tiny study through flwr run, status from flwr ls (keys already registered)
     t0 = time.monotonic()
-    entry = deploy.launch(
+    entry = launch(
         superlink, certs / "superlink" / "ca.crt", keys,
         f'run-dir="{tmp_path / "results"}" node-wait=60 experiment="{ROOT / "configs" / "tiny.yaml"}"',
         cli_env, timeout=540, say=lambda s: print(s, flush=True),

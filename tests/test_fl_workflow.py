@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from clients.app import app as client_app
+from common import arms
 from common.config import (
     ExperimentConfig,
     SiteConfig,
@@ -20,11 +21,13 @@ from common.config import (
     load_experiment,
     parse_experiment,
 )
-from common.fl import protocol as p
+from common.fl import contract, messages
 from server.app import app as server_app
+from server.app import default_run_config, settings_from
 from server.report import method_order
+from server.rounds import PhaseLog, Site, average_weights
 from server.store import RunDirError
-from server.workflow import PhaseLog, Settings, Workflow, WorkflowError
+from server.workflow import Workflow, WorkflowError
 from tests.fl_harness import InProcessGrid, run_server, site_grid
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
@@ -76,16 +79,16 @@ def test_one_source_one_target_is_the_paper(tmp_path, sites_root, flower_identit
     run_server(server_app, grid)
     # Assert: the phases sent exactly the paper's messages
     types = _types(grid)
-    assert types.count(p.QUERY_SITE) == 2
-    assert types.count(p.TRAIN_PRETRAIN) == 2  # SimMIM + MT-NXent at the one target
+    assert types.count(contract.QUERY_SITE) == 2
+    assert types.count(contract.TRAIN_PRETRAIN) == 2  # SimMIM + MT-NXent at the one target
     assert (
-        types.count(p.TRAIN_FINETUNE) == 4
+        types.count(contract.TRAIN_FINETUNE) == 4
     )  # simmim, mtnxent, lower at the source; upper at the target
     # both sites' labeled test frames + the source's validation frames (fusion-mode selection)
-    assert types.count(p.EVALUATE_SEGMENT) == 3
+    assert types.count(contract.EVALUATE_SEGMENT) == 3
     assert not [s.error for s in grid.log if s.error]
     # nothing but weights, scalars and score vectors came back
-    allowed = set().union(*p.ALLOWED_REPLY_RECORDS.values())
+    allowed = set().union(*contract.ALLOWED_REPLY_RECORDS.values())
     assert all(set(s.records_in) <= allowed for s in grid.log)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     report = (tmp_path / "run" / "report.md").read_text()
@@ -122,8 +125,8 @@ def test_two_targets_average_each_round(tmp_path, sites_root, flower_identity):
     run_server(server_app, grid)
     # Assert
     types = _types(grid)
-    assert types.count(p.TRAIN_PRETRAIN) == 2 * 2 * 2  # rounds × branches × targets
-    assert types.count(p.TRAIN_FINETUNE) == 2 * (
+    assert types.count(contract.TRAIN_PRETRAIN) == 2 * 2 * 2  # rounds × branches × targets
+    assert types.count(contract.TRAIN_FINETUNE) == 2 * (
         3 + 2
     )  # rounds × (3 arms at the source + upper at 2 targets)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -133,35 +136,42 @@ def test_two_targets_average_each_round(tmp_path, sites_root, flower_identity):
         (b, k) for b in ("simmim", "contrastive") for k in (1, 2)
     }
     assert all(sorted(r["sites"]) == ["telemed", "telemed2"] for r in pre)
-    upper = [r for r in rounds["finetune"] if r["key"] == p.UPPER]
+    upper = [r for r in rounds["finetune"] if r["key"] == arms.UPPER]
     assert [r["averaged"] for r in upper] == [True, True]
-    assert not any(r["averaged"] for r in rounds["finetune"] if r["key"] != p.UPPER)  # one source
+    assert not any(r["averaged"] for r in rounds["finetune"] if r["key"] != arms.UPPER)  # one source
     assert set(results["tables"]) == {"lumify", "telemed", "telemed2"}
     assert "Federated averaging" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_average_is_weighted_by_example_count(tmp_path):
-    # Prepare: two sites' replies, 1 and 3 examples, one float and one integer tensor
-    cfg = load_experiment("configs/tiny.yaml")
-    wf = Workflow(grid=None, cfg=cfg, settings=Settings(tmp_path, tmp_path), log=lambda _: None)
-    wf.phase_logs["finetune"] = PhaseLog()
-
-    def reply(value: float, count: int, n: int) -> RecordDict:
-        return RecordDict(
-            {
-                p.METRICS: MetricRecord({p.NUM_EXAMPLES: n}),
-                p.MODEL: ArrayRecord({"w": torch.full((2,), value), "n": torch.tensor(count)}),
-            }
-        )
-
-    site = type("S", (), {"name": "x"})
-    # Execute
-    avg = wf._average(
-        "finetune", 1, "upper", [(site, reply(1.0, 4, 1)), (site, reply(5.0, 8, 3))], p.MODEL
+def _weights_reply(value: float, n: int, count: int = 4) -> RecordDict:
+    """A fine-tune reply with one float and one integer tensor, from a site with ``n`` examples."""
+    return RecordDict(
+        {
+            contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: n}),
+            contract.MODEL: ArrayRecord({"w": torch.full((2,), value), "n": torch.tensor(count)}),
+        }
     )
-    # Assert
+
+
+def test_average_is_weighted_by_example_count():
+    site = Site(1, "x", "target", {})
+    avg = average_weights(
+        [(site, _weights_reply(1.0, 1, 4)), (site, _weights_reply(5.0, 3, 8))], contract.MODEL
+    )
     np.testing.assert_allclose(avg["w"].numpy(), [4.0, 4.0])  # (1·1 + 5·3) / 4
     assert avg["n"].numpy().dtype == np.int64  # buffers keep their dtype
+
+
+def test_phase_log_notes_each_sites_example_count(tmp_path):
+    cfg = load_experiment("configs/tiny.yaml")
+    settings = settings_from({**default_run_config(), "run-dir": str(tmp_path)}, cfg)
+    wf = Workflow(grid=None, cfg=cfg, settings=settings, log=lambda _: None)
+    wf.phase_logs["finetune"] = PhaseLog()
+    replies = [
+        (Site(1, "a", "source", {}), _weights_reply(1.0, 1)),
+        (Site(2, "b", "source", {}), _weights_reply(5.0, 3)),
+    ]
+    wf._average("finetune", 1, "lower", replies, contract.MODEL)
     assert wf.phase_logs["finetune"].rounds[0]["num_examples"] == [1, 3]
 
 
@@ -197,7 +207,7 @@ def test_silent_site_times_out_with_its_name(tmp_path, sites_root, flower_identi
     original = grid.pull_messages
 
     def pull(ids):
-        if any(s.message_type != p.QUERY_SITE for s in grid.log):
+        if any(s.message_type != contract.QUERY_SITE for s in grid.log):
             grid.silent = {101}
         return original(ids)
 
@@ -229,7 +239,7 @@ def test_rerun_resumes_after_the_last_completed_phase(
     second = _grid(exp, tmp_path / "run", sites_root, 2)
     run_server(server_app, second)
     # Assert: no training message was sent again, and the report is complete
-    assert set(_types(second)) == {p.QUERY_SITE, p.EVALUATE_SEGMENT}
+    assert set(_types(second)) == {contract.QUERY_SITE, contract.EVALUATE_SEGMENT}
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [ph["phase"] for ph in results["phases"] if ph["resumed"]] == ["pretrain", "finetune"]
     assert not (tmp_path / "run" / "FAILED.json").exists()
@@ -268,7 +278,7 @@ def test_deployed_nodes_take_their_site_from_node_config(
     with pytest.raises(WorkflowError, match="stop"):
         run_server(server_app, grid)
     # Assert: the pretrain messages went to node 100, the deployed target
-    assert {s.dst_node_id for s in grid.log if s.message_type == p.TRAIN_PRETRAIN} == {100}
+    assert {s.dst_node_id for s in grid.log if s.message_type == contract.TRAIN_PRETRAIN} == {100}
 
 
 def test_reply_guard_blocks_a_site_that_would_send_more(
@@ -277,14 +287,14 @@ def test_reply_guard_blocks_a_site_that_would_send_more(
     # Prepare: a site card that tries to carry an array
     import clients.app
 
-    honest = p.pack_site_card
+    honest = messages.pack_site_card
 
     def leaky_card(card):
         rd = honest(card)
         rd["frames"] = ArrayRecord({"f": torch.zeros(4)})
         return rd
 
-    monkeypatch.setattr(clients.app.p, "pack_site_card", leaky_card)
+    monkeypatch.setattr(clients.app.messages, "pack_site_card", leaky_card)
     exp, _ = _experiment(tmp_path, "leak")
     grid = _grid(exp, tmp_path / "run", sites_root, 2)
     # Execute / Assert: refused on the site, before anything is uploaded
@@ -315,8 +325,8 @@ def test_study_variants_and_pairs_run_as_extra_arms(tmp_path, sites_root, flower
     run_server(server_app, grid)
     # Assert: each variant is one more pretraining (if any) and fine-tuning job
     types = _types(grid)
-    assert types.count(p.TRAIN_PRETRAIN) == 2 + 2
-    assert types.count(p.TRAIN_FINETUNE) == 3 + 3 + 1
+    assert types.count(contract.TRAIN_PRETRAIN) == 2 + 2
+    assert types.count(contract.TRAIN_FINETUNE) == 3 + 3 + 1
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     table = results["tables"]["telemed"]
     for m in (

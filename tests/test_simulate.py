@@ -44,10 +44,9 @@ def test_experiment_cli_runs_a_seed_with_variants_through_flower(tmp_path, monke
     from typer.testing import CliRunner
 
     from common.fl.audit import audit_run
-    from simulations.cli import _register, app
+    from crossprobe.cli import app
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "user-flwr-home-untouched"))
-    _register()
     # Execute: `crossprobe experiment smoke --seeds 0` (the variants run on seed 0)
     res = CliRunner().invoke(
         app,

@@ -204,9 +204,10 @@ def read_png_size(path: Path) -> tuple[int, int]:
 class VideoBatchSampler(Sampler[list[int]]):
     """Batches made of groups of ``frames_per_video`` frames from one video each.
 
-    Makes the MT-NXent temporal mask matter (method.md: random batches rarely hold two frames of
-    one video). Each epoch: shuffle each video's frames, cut them into groups, shuffle the groups,
-    fill batches of ``batch_size``; frames left over from a video are skipped this epoch.
+    Makes the MT-NXent temporal mask matter (``docs/method.md``: random batches rarely hold two
+    frames of one video). Each epoch: shuffle each video's frames, cut them into groups, shuffle
+    the groups, fill batches of ``batch_size``; frames left over from a video are skipped this
+    epoch.
     ``video_ids[i]`` is the video of dataset item i. Deterministic in (seed, epoch).
     """
 

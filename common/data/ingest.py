@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from common.data.images import save_png
 from common.data.manifest import (
     DataError,
     FrameRow,
@@ -30,7 +31,6 @@ from common.data.manifest import (
 )
 
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".m4v"}
-DICOM_EXT = {".dcm", ".dicom", ""}
 IMAGE_EXT = {".png"}
 
 
@@ -221,13 +221,131 @@ def _safe_id(s: str) -> str:
     return s or "x"
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
+def _require_empty(out: Path) -> None:
+    """Raise DataError when ``out`` exists and holds anything."""
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: exists and is not empty")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(
-        path, format="PNG", compress_level=6
-    )
+
+def _real_site_meta(
+    name: str, role: str, device: str, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``dataset.yaml`` of an imported real site (binary bone labels, as annotated)."""
+    return {
+        "name": name,
+        "role": role,
+        "domain": role,
+        "device": device,
+        "labels": {0: "background", 1: "bone"},
+        "mask": {"semantics": "as annotated"},
+        "provenance": provenance,
+    }
+
+
+@dataclass
+class _Video:
+    """One ingest input: its ids, decoded frames, label maps by frame index, and source path."""
+
+    patient_id: str
+    video_id: str
+    cine: Cine
+    labels: dict[int, np.ndarray]
+    src: Path
+
+
+def _nifti_labels(label_file: Path, cine: Cine, all_labeled: bool) -> dict[int, np.ndarray]:
+    """Label maps from a NIfTI volume on the video's full grid, cropped like the video; a frame
+    counts when its slice is non-zero (every frame if ``all_labeled``)."""
+    full = (cine.frames.shape[0], *(cine.full_shape or cine.frames.shape[1:]))
+    vol = read_nifti_labels(label_file, full)
+    if cine.crop is not None:
+        y0, y1, x0, x1 = cine.crop
+        vol = vol[:, y0:y1, x0:x1]
+    return {t: vol[t] for t in range(vol.shape[0]) if all_labeled or vol[t].any()}
+
+
+def _mask_folder_labels(src: Path, cine: Cine) -> dict[int, np.ndarray]:
+    """Label maps from ``src/masks/<frame file name>`` (frames without one are unlabeled).
+
+    Raises:
+        DataError: a mask's size differs from the frames'.
+    """
+    from common.data.datasets import read_png
+
+    labels = {}
+    for t, nm in enumerate(cine.names or []):
+        mp = src / "masks" / nm
+        if mp.is_file():
+            m = read_png(mp, mode="raw")
+            if m.shape != cine.frames.shape[1:]:
+                raise DataError(
+                    f"{mp}: mask size {m.shape[::-1]} != frame size {cine.frames.shape[2:0:-1]}"
+                )
+            labels[t] = m
+    return labels
+
+
+def _read_input(src: Path, all_labeled: bool) -> _Video:
+    """Decode one ingest input and find its labels (a NIfTI next to a video file, or a PNG
+    folder's ``masks/``); ids come from the DICOM PatientID or the parent folder, and the name."""
+    cine = read_any(src)
+    pid = _safe_id(cine.patient_id or src.resolve().parent.name)
+    vid = _safe_id(src.name.split(".")[0] if src.is_file() else src.name)
+    labels = None
+    lf = _label_file(src) if src.is_file() else None
+    if lf is not None:
+        labels = _nifti_labels(lf, cine, all_labeled)
+    elif src.is_dir() and (src / "masks").is_dir() and cine.names:
+        labels = _mask_folder_labels(src, cine)
+    return _Video(pid, vid, cine, labels or {}, src)
+
+
+def _assign_splits(
+    videos: list[_Video], split: str, seed: int, fractions: tuple[float, float, float]
+) -> dict[str, str]:
+    """Patient → split: by ``seed`` and ``fractions`` for "auto", else ``split`` for everyone.
+
+    Raises:
+        DataError: two inputs give the same (patient, video) ids.
+    """
+    keys = [(v.patient_id, v.video_id) for v in videos]
+    if len(set(keys)) != len(keys):
+        raise DataError(f"inputs give duplicate (patient, video) ids: {sorted(keys)}")
+    patients = [v.patient_id for v in videos]
+    if split == "auto":
+        return split_patients(patients, seed, fractions)
+    return {p: split for p in patients}
+
+
+def _write_video(out: Path, video: _Video, split: str, device: str) -> list[FrameRow]:
+    """Write one video's frames and label maps as PNGs under ``out``; its manifest rows."""
+    pid, vid, cine, labels = video.patient_id, video.video_id, video.cine, video.labels
+    rows = []
+    for t in range(cine.frames.shape[0]):
+        img_rel = frame_relpath("frames", pid, vid, t)
+        save_png(cine.frames[t], out / img_rel)
+        mask_rel = ""
+        if t in labels:
+            mask_rel = frame_relpath("masks", pid, vid, t)
+            save_png(labels[t], out / mask_rel)
+        rows.append(
+            FrameRow(
+                patient_id=pid,
+                video_id=vid,
+                frame_index=t,
+                image_path=img_rel,
+                mask_path=mask_rel,
+                labeled=t in labels,
+                split=split,
+                device=device,
+                time_ms=cine.time_ms[t] if cine.time_ms else None,
+                spacing_x_mm=cine.spacing_mm[0],
+                spacing_y_mm=cine.spacing_mm[1],
+                source_file=str(video.src),
+                source_frame=t,
+            )
+        )
+    return rows
 
 
 def ingest(
@@ -255,87 +373,19 @@ def ingest(
     Raises:
         DataError: unreadable input, label volume shape mismatch, ``out_dir`` not empty.
     """
-    from common.data.datasets import read_png
-
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: exists and is not empty")
+    _require_empty(out)
     if split not in ("auto", "train", "val", "test"):
         raise DataError(f"split must be auto|train|val|test (got {split!r})")
-    items = []
-    for src in map(Path, inputs):
-        cine = read_any(src)
-        pid = _safe_id(cine.patient_id or src.resolve().parent.name)
-        vid = _safe_id(src.name.split(".")[0] if src.is_file() else src.name)
-        labels = None
-        lf = _label_file(src) if src.is_file() else None
-        if lf is not None:
-            full = (cine.frames.shape[0], *(cine.full_shape or cine.frames.shape[1:]))
-            vol = read_nifti_labels(lf, full)
-            if cine.crop is not None:
-                y0, y1, x0, x1 = cine.crop
-                vol = vol[:, y0:y1, x0:x1]
-            labels = {t: vol[t] for t in range(vol.shape[0]) if all_labeled or vol[t].any()}
-        elif src.is_dir() and (src / "masks").is_dir() and cine.names:
-            labels = {}
-            for t, nm in enumerate(cine.names):
-                mp = src / "masks" / nm
-                if mp.is_file():
-                    m = read_png(mp, mode="raw")
-                    if m.shape != cine.frames.shape[1:]:
-                        raise DataError(
-                            f"{mp}: mask size {m.shape[::-1]} != frame size {cine.frames.shape[2:0:-1]}"
-                        )
-                    labels[t] = m
-        items.append((pid, vid, cine, labels or {}, src))
-    keys = [(p, v) for p, v, *_ in items]
-    if len(set(keys)) != len(keys):
-        raise DataError(f"inputs give duplicate (patient, video) ids: {sorted(keys)}")
-    splits = (
-        split_patients([p for p, *_ in items], seed, fractions)
-        if split == "auto"
-        else {p: split for p, *_ in items}
-    )
+    videos = [_read_input(src, all_labeled) for src in map(Path, inputs)]
+    splits = _assign_splits(videos, split, seed, fractions)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for pid, vid, cine, labels, src in items:
-        for t in range(cine.frames.shape[0]):
-            img_rel = frame_relpath("frames", pid, vid, t)
-            _save_png(cine.frames[t], out / img_rel)
-            mask_rel = ""
-            if t in labels:
-                mask_rel = frame_relpath("masks", pid, vid, t)
-                _save_png(labels[t], out / mask_rel)
-            rows.append(
-                FrameRow(
-                    patient_id=pid,
-                    video_id=vid,
-                    frame_index=t,
-                    image_path=img_rel,
-                    mask_path=mask_rel,
-                    labeled=t in labels,
-                    split=splits[pid],
-                    device=device,
-                    time_ms=cine.time_ms[t] if cine.time_ms else None,
-                    spacing_x_mm=cine.spacing_mm[0],
-                    spacing_y_mm=cine.spacing_mm[1],
-                    source_file=str(src),
-                    source_frame=t,
-                )
-            )
-    meta = {
-        "name": name,
-        "role": role,
-        "domain": role,
-        "device": device,
-        "labels": {0: "background", 1: "bone"},
-        "mask": {"semantics": "as annotated"},
-        "provenance": {
-            "ingest": command or "crossprobe data ingest",
-            "inputs": [str(s) for s in inputs],
-        },
+    rows = [r for v in videos for r in _write_video(out, v, splits[v.patient_id], device)]
+    provenance = {
+        "ingest": command or "crossprobe data ingest",
+        "inputs": [str(s) for s in inputs],
     }
-    write_site_files(out, meta, rows)
+    write_site_files(out, _real_site_meta(name, role, device, provenance), rows)
     return out
 
 
@@ -373,6 +423,91 @@ def export_authors(site: SiteData | str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+def _authors_csvs(src: Path) -> list[tuple[Path, str]]:
+    """(CSV, split) of the authors' split files in ``src``, sorted; ``*_labeled.csv`` files are
+    skipped (they repeat frames) and so are CSVs named after no split.
+
+    Raises:
+        DataError: ``src`` holds no CSV at all.
+    """
+    csvs = sorted(p for p in src.glob("*.csv") if not p.stem.endswith("_labeled"))
+    if not csvs:
+        raise DataError(f"{src}: no CSV files")
+    found = []
+    for cp in csvs:
+        sp = next((s for s in ("train", "val", "test") if s in cp.stem.lower()), None)
+        if sp is not None:
+            found.append((cp, sp))
+    return found
+
+
+def _import_authors_csv(
+    cp: Path, split: str, src: Path, out: Path, device: str, patient_sep: str
+) -> list[FrameRow]:
+    """Copy the frames (and masks) one authors' CSV lists into ``out``; their manifest rows.
+
+    Raises:
+        DataError: missing columns, a bad frame number, a missing image.
+    """
+    rows = []
+    with cp.open(newline="") as fh:
+        rd = csv.DictReader(fh)
+        miss = [c for c in AUTHORS_COLUMNS if c not in (rd.fieldnames or [])]
+        if miss:
+            raise DataError(f"{cp}: missing column(s) {miss}")
+        for i, rec in enumerate(rd):
+            where = f"{cp} row {i + 2}"
+            rows.append(_import_authors_frame(rec, where, split, src, out, device, patient_sep))
+    return rows
+
+
+def _import_authors_frame(
+    rec: dict[str, str],
+    where: str,
+    split: str,
+    src: Path,
+    out: Path,
+    device: str,
+    patient_sep: str,
+) -> FrameRow:
+    """Copy one CSV record's image (and mask, if ``Masks/`` has it) into ``out``; its row."""
+    vn = rec["videoname"].strip()
+    pid, _, vid = vn.partition(patient_sep) if patient_sep else (vn, "", "")
+    pid, vid = _safe_id(pid), _safe_id(vid or vn)
+    try:
+        t = int(float(rec["framenum"]))
+    except ValueError:
+        raise DataError(f"{where}: bad framenum {rec['framenum']!r}") from None
+    img = src / "Images" / rec["filename"]
+    if not img.is_file():
+        raise DataError(f"{where}: missing file {img}")
+    msk = src / "Masks" / rec["filename"]
+    img_rel = frame_relpath("frames", pid, vid, t)
+    _copy_into(img, out / img_rel)
+    mask_rel = ""
+    if msk.is_file():
+        mask_rel = frame_relpath("masks", pid, vid, t)
+        _copy_into(msk, out / mask_rel)
+    return FrameRow(
+        patient_id=pid,
+        video_id=vid,
+        frame_index=t,
+        image_path=img_rel,
+        mask_path=mask_rel,
+        labeled=bool(mask_rel),
+        split=split,
+        device=device,
+        source_file=str(Path("Images") / rec["filename"]),
+        source_frame=t,
+    )
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    """Copy a file's bytes to ``dst``, creating its folder."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
 def import_authors(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -395,67 +530,14 @@ def import_authors(
     out = Path(out_dir)
     if not (src / "Images").is_dir():
         raise DataError(f"{src / 'Images'}: missing (not the authors' layout)")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: exists and is not empty")
+    _require_empty(out)
     rows: list[FrameRow] = []
-    csvs = sorted(p for p in src.glob("*.csv") if not p.stem.endswith("_labeled"))
-    if not csvs:
-        raise DataError(f"{src}: no CSV files")
-    for cp in csvs:
-        sp = next((s for s in ("train", "val", "test") if s in cp.stem.lower()), None)
-        if sp is None:
-            continue
-        with cp.open(newline="") as fh:
-            rd = csv.DictReader(fh)
-            miss = [c for c in AUTHORS_COLUMNS if c not in (rd.fieldnames or [])]
-            if miss:
-                raise DataError(f"{cp}: missing column(s) {miss}")
-            for i, rec in enumerate(rd):
-                vn = rec["videoname"].strip()
-                pid, _, vid = vn.partition(patient_sep) if patient_sep else (vn, "", "")
-                pid, vid = _safe_id(pid), _safe_id(vid or vn)
-                try:
-                    t = int(float(rec["framenum"]))
-                except ValueError:
-                    raise DataError(f"{cp} row {i + 2}: bad framenum {rec['framenum']!r}") from None
-                img = src / "Images" / rec["filename"]
-                if not img.is_file():
-                    raise DataError(f"{cp} row {i + 2}: missing file {img}")
-                msk = src / "Masks" / rec["filename"]
-                img_rel = frame_relpath("frames", pid, vid, t)
-                (out / img_rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(img, out / img_rel)
-                mask_rel = ""
-                if msk.is_file():
-                    mask_rel = frame_relpath("masks", pid, vid, t)
-                    (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(msk, out / mask_rel)
-                rows.append(
-                    FrameRow(
-                        patient_id=pid,
-                        video_id=vid,
-                        frame_index=t,
-                        image_path=img_rel,
-                        mask_path=mask_rel,
-                        labeled=bool(mask_rel),
-                        split=sp,
-                        device=device,
-                        source_file=str(Path("Images") / rec["filename"]),
-                        source_frame=t,
-                    )
-                )
+    for cp, sp in _authors_csvs(src):
+        rows += _import_authors_csv(cp, sp, src, out, device, patient_sep)
     keys = [r.key for r in rows]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
         raise DataError(f"{src}: the CSVs list frames more than once, e.g. {dup}")
-    meta = {
-        "name": name,
-        "role": role,
-        "domain": role,
-        "device": device,
-        "labels": {0: "background", 1: "bone"},
-        "mask": {"semantics": "as annotated"},
-        "provenance": {"ingest": "authors layout", "source": str(src)},
-    }
-    write_site_files(out, meta, rows)
+    provenance = {"ingest": "authors layout", "source": str(src)}
+    write_site_files(out, _real_site_meta(name, role, device, provenance), rows)
     return out

@@ -1,6 +1,6 @@
 """The canonical site layout: ``dataset.yaml`` + ``manifest.csv`` + ``frames/`` + ``masks/``.
 
-One folder per site (``shared/docs/data.md``, "Canonical on-disk layout"). The synthetic generator
+One folder per site (``docs/data.md``, "Canonical on-disk layout"). The synthetic generator
 and every ingest reader write it through :func:`write_site_files`; every consumer reads it through
 :func:`load_site`, which validates it and raises :class:`DataError` with one message naming the
 file and the manifest row.
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,7 +263,8 @@ def load_site(site_dir: str | Path, check: Check = "headers") -> SiteData:
                 raise DataError(f"{where}: labeled row without a mask_path")
             if r.key in seen:
                 raise DataError(
-                    f"{where}: duplicate (patient, video, frame) {r.key} (first at row {seen[r.key]})"
+                    f"{where}: duplicate (patient, video, frame) {r.key} "
+                    f"(first at row {seen[r.key]})"
                 )
             seen[r.key] = line
             if check != "none":
@@ -273,7 +273,8 @@ def load_site(site_dir: str | Path, check: Check = "headers") -> SiteData:
                     msize = _image_size(root / r.mask_path, where, check)
                     if msize != isize:
                         raise DataError(
-                            f"{where}: mask size {msize} != image size {isize} ({root / r.mask_path})"
+                            f"{where}: mask size {msize} != image size {isize} "
+                            f"({root / r.mask_path})"
                         )
             rows.append(r)
     rows.sort(key=lambda r: r.key)
@@ -307,11 +308,3 @@ def split_patients(
     for i, p in enumerate(order):
         out[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return out
-
-
-def row_dict(r: FrameRow) -> dict[str, Any]:
-    return asdict(r)
-
-
-def count_by(rows: Iterable[FrameRow], attr: str) -> Counter:
-    return Counter(getattr(r, attr) for r in rows)

@@ -1,4 +1,5 @@
-"""Preprocessing as the models see it (method.md, "Data as the models see it") and augmentations.
+"""Preprocessing as the models see it (``docs/method.md``, "Data as the models see it"), and
+augmentations.
 
 Frames: pad to square with zeros at the bottom and right, resize bilinearly to the model size,
 scale to [0, 1], no normalisation, replicate to 3 channels. Masks: any label ≥ 1 is bone, resized
@@ -97,7 +98,7 @@ def _gray(img: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(img: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
-    """ColorJitter(brightness = contrast = saturation = strength), random order, like torchvision."""
+    """ColorJitter(brightness = contrast = saturation = strength) in random order (torchvision)."""
     lo, hi = max(0.0, 1 - strength), 1 + strength
     for op in torch.randperm(3, generator=g).tolist():
         f = _uniform(g, lo, hi)

@@ -7,8 +7,9 @@ For each phantom setting, every site of the experiment is rendered with that ``s
 (and, with ``--target-device``, the target site with another device preset), then — in process, with
 the same stage functions the federated run uses — the lower bound is fine-tuned at the source, the
 upper bound at the target, and both are scored on the target's labeled test frames. The method does
-not enter: this measures the benchmark, so the phantom (not the method) is what gets tuned (issue 7:
-the default should leave a gap of at least 0.10 DSC). Writes ``calibration.json`` under ``--out``.
+not enter: this measures the benchmark, so the phantom (not the method) is what gets tuned, and the
+default difficulty should leave a gap of at least 0.10 DSC, or there is no domain gap for the method
+to close. Writes ``calibration.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def probe(
             }
         )
         print(
-            f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f} upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f}",
+            f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f} "
+            f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f}",
             flush=True,
         )
     gaps = [r["gap"] for r in rows]

@@ -1,6 +1,6 @@
 """Device presets (imaging chain), operator profiles and site presets.
 
-The numbers are plausible, not vendor-measured (``shared/docs/data.md``, table "Device presets").
+The numbers are plausible, not vendor-measured (``docs/data.md``, table "Device presets").
 ``lumify`` plays the labeled source site, ``telemed`` the unlabeled target. Define more with
 :func:`register_device` / :func:`register_site_preset`.
 """

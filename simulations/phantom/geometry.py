@@ -5,7 +5,7 @@ y = elevation = the sweep direction. Bones are height maps ``z_surface(x, y)``: 
 (label 1) with a flare towards the physis, the physis gap (no bone), the epiphysis (label 2) as a
 dome under a hypoechoic cartilage cap, then after a joint gap two carpal domes (label 3). A
 transverse curvature ``(y - y_c)² / 2 R_y`` deepens the bone away from the crest so a sweep reshapes
-it smoothly. See ``shared/docs/data.md`` ("The phantom").
+it smoothly. See ``docs/data.md`` ("The phantom").
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Anatomy:
 
 
 def physis_gap_mm(age: float) -> float:
-    """Physis gap width from age (data.md): 2.6 − 0.14·age, clipped to [0.35, 2.5] mm."""
+    """Physis gap width from age (``docs/data.md``, "The phantom"): 2.6 − 0.14·age, clipped to
+    [0.35, 2.5] mm."""
     return float(np.clip(2.6 - 0.14 * age, 0.35, 2.5))
 
 

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             synth_site(site, a.size, Path(tmp) / role, workers=a.workers, progress=False)
             dt = time.perf_counter() - t0
             print(
-                f"speed {role:6s}: {480 / dt:6.1f} frames/s at width {a.size} on {a.workers} workers (480 frames, PNGs written)"
+                f"speed {role:6s}: {480 / dt:6.1f} frames/s at width {a.size} on {a.workers} "
+                "workers (480 frames, PNGs written)"
             )
 
     # 2.–4. domain shift and temporal coherence, rendered in memory

@@ -1,18 +1,8 @@
-"""The wire contract: every message type, record name and who may send what, named once.
+"""Building and reading the messages of the wire contract (``common/fl/contract.py``): stage
+requests, weight and evaluation replies, the site card, the experiment as a flat config record.
 
-Server and sites import these names; no handler spells a wire name as a literal. The tables
-``ALLOWED_REQUEST_RECORDS`` / ``ALLOWED_REPLY_RECORDS`` are data so the audit guard
-(``common/fl/audit.py``) can enforce the same allow-list fail-closed; ``check_reply`` is the
-minimal version of that check used on both sides today.
-
-What crosses (architecture.md, "The wire contract"):
-
-| message type       | request                                   | reply                        |
-|--------------------|-------------------------------------------|------------------------------|
-| query.site         | federation table (simulation only)        | site card                    |
-| train.pretrain     | experiment + stage config, [encoder]      | encoder weights + metrics    |
-| train.finetune     | experiment + stage config, [encoder|model]| model weights + metrics      |
-| evaluate.segment   | experiment + stage config, models         | metrics + per-image scores   |
+The server packs requests and unpacks replies with these; the ClientApp handlers unpack requests
+and pack replies. What is allowed to cross is decided by the contract, not here.
 """
 
 from __future__ import annotations
@@ -26,150 +16,31 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.config import unflatten_dict
 
 from common.config import ExperimentConfig, parse_experiment
-
-# --- roles -----------------------------------------------------------------------------------
-SOURCE = "source"
-TARGET = "target"
-ROLES = (SOURCE, TARGET)
-
-# --- message types (Flower 1.42: "<train|evaluate|query>.<action>") --------------------------
-QUERY_SITE = "query.site"
-TRAIN_PRETRAIN = "train.pretrain"
-TRAIN_FINETUNE = "train.finetune"
-EVALUATE_SEGMENT = "evaluate.segment"
-MESSAGE_TYPES = (QUERY_SITE, TRAIN_PRETRAIN, TRAIN_FINETUNE, EVALUATE_SEGMENT)
-
-
-def action(message_type: str) -> str:
-    """The ClientApp action of a message type: ``action("train.pretrain") == "pretrain"``."""
-    return message_type.split(".", 1)[1]
-
-
-# --- record names ----------------------------------------------------------------------------
-FEDERATION = "federation"  # ConfigRecord: simulation table partition-id -> site (query only)
-EXPERIMENT = "experiment"  # ConfigRecord: the flat experiment config the site runs with
-STAGE = "stage"  # ConfigRecord: what to do (branch / arm / round / models / fusions)
-ENCODER = "encoder"  # ArrayRecord: encoder-only state dict
-MODEL = "model"  # ArrayRecord: full TransUNet state dict (finetune reply / next-round init)
-MODEL_PREFIX = "model."  # ArrayRecords "model.<arm>" in an evaluate request
-SITE_CARD = "site"  # ConfigRecord: name, role, counts.<split>.<videos|frames|labeled>
-METRICS = "metrics"  # MetricRecord: scalars, always including NUM_EXAMPLES
-SCORES = "scores"  # MetricRecord: per-image score vectors "<method>/<dice|iou>"
-VIDEO_SCORES = "video-scores"  # MetricRecord: per-video mean score vectors, same keys
-PATIENT_SCORES = "patient-scores"  # MetricRecord: per-patient mean score vectors, same keys
-
-NUM_EXAMPLES = "num-examples"  # the weighting key for federated averaging
-
-# Keys of the STAGE record.
-K_PHASE = "phase"
-K_ROUND = "round"
-K_BRANCH = "branch"
-K_ARM = "arm"
-K_MODELS = "models"
-K_FUSIONS = "fusions"
-K_SPLIT = "split"
-# Keys of the FEDERATION record (parallel lists, index = partition-id).
-K_NAMES = "names"
-K_ROLES = "roles"
-K_DATA_DIRS = "data-dirs"
-K_OUT_DIRS = "out-dirs"
-# Keys of the SITE_CARD record.
-K_NAME = "name"
-K_ROLE = "role"
-
-# Pretraining branches and fine-tuning arms (the names the report uses).
-SIMMIM = "simmim"
-CONTRASTIVE = "contrastive"  # MT-NXent, min_frame_gap from the experiment
-SIMCLR = "simclr"  # contrastive with min_frame_gap = 0
-BRANCHES = (SIMMIM, CONTRASTIVE, SIMCLR)
-ARM_OF_BRANCH = {SIMMIM: "simmim", CONTRASTIVE: "mtnxent", SIMCLR: "simclr"}
-LOWER = "lower"
-UPPER = "upper"
-FUSION_PAIR = (ARM_OF_BRANCH[SIMMIM], ARM_OF_BRANCH[CONTRASTIVE])
-
-_CONFIG, _ARRAY, _METRIC = ConfigRecord, ArrayRecord, MetricRecord
-
-# Record name -> the one record type it may have.
-RECORD_TYPES: dict[str, type] = {
-    FEDERATION: _CONFIG,
-    EXPERIMENT: _CONFIG,
-    STAGE: _CONFIG,
-    ENCODER: _ARRAY,
-    MODEL: _ARRAY,
-    SITE_CARD: _CONFIG,
-    METRICS: _METRIC,
-    SCORES: _METRIC,
-    VIDEO_SCORES: _METRIC,
-    PATIENT_SCORES: _METRIC,
-}
-
-# (message type, addressee role) -> record names the request may carry. ``MODEL_PREFIX`` stands for
-# any "model.<arm>" record. Query requests go to every node before its role is known: role "*".
-ANY_ROLE = "*"
-ALLOWED_REQUEST_RECORDS: dict[tuple[str, str], frozenset[str]] = {
-    (QUERY_SITE, ANY_ROLE): frozenset({FEDERATION}),
-    (TRAIN_PRETRAIN, TARGET): frozenset({EXPERIMENT, STAGE, ENCODER}),
-    (TRAIN_FINETUNE, SOURCE): frozenset({EXPERIMENT, STAGE, ENCODER, MODEL}),
-    (TRAIN_FINETUNE, TARGET): frozenset({EXPERIMENT, STAGE, MODEL}),  # upper bound: no encoder
-    (EVALUATE_SEGMENT, SOURCE): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
-    (EVALUATE_SEGMENT, TARGET): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
-}
-
-# (message type, sender role) -> record names the reply may carry. Nothing else crosses.
-ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
-    (QUERY_SITE, SOURCE): frozenset({SITE_CARD}),
-    (QUERY_SITE, TARGET): frozenset({SITE_CARD}),
-    (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS}),
-    (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS}),
-    (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS}),
-    (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
-    (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
-}
-
-
-class ProtocolError(RuntimeError):
-    """A message carries something the wire contract does not allow (fail closed)."""
-
-
-def _record_type(name: str) -> type | None:
-    if name.startswith(MODEL_PREFIX):
-        return _ARRAY
-    return RECORD_TYPES.get(name)
-
-
-def _check(content: RecordDict, allowed: frozenset[str], what: str) -> None:
-    for name, record in content.items():
-        key = MODEL_PREFIX if name.startswith(MODEL_PREFIX) else name
-        if key not in allowed:
-            raise ProtocolError(
-                f"{what}: record {name!r} is not allowed (allowed: {sorted(allowed)})"
-            )
-        expected = _record_type(name)
-        if expected is None or not isinstance(record, expected):
-            raise ProtocolError(
-                f"{what}: record {name!r} must be a {getattr(expected, '__name__', '?')}"
-            )
-
-
-def check_request(message_type: str, role: str, content: RecordDict) -> None:
-    """Raise ProtocolError unless ``content`` is allowed for a ``message_type`` request to ``role``."""
-    key = (
-        (message_type, ANY_ROLE)
-        if (message_type, ANY_ROLE) in ALLOWED_REQUEST_RECORDS
-        else (message_type, role)
-    )
-    if key not in ALLOWED_REQUEST_RECORDS:
-        raise ProtocolError(f"no {message_type!r} request may go to a {role!r} site")
-    _check(content, ALLOWED_REQUEST_RECORDS[key], f"{message_type} request to {role}")
-
-
-def check_reply(message_type: str, role: str, content: RecordDict) -> None:
-    """Raise ProtocolError unless ``content`` is allowed in a ``message_type`` reply from ``role``."""
-    if (message_type, role) not in ALLOWED_REPLY_RECORDS:
-        raise ProtocolError(f"a {role!r} site may not reply to {message_type!r}")
-    _check(
-        content, ALLOWED_REPLY_RECORDS[(message_type, role)], f"{message_type} reply from {role}"
-    )
+from common.fl.contract import (
+    ENCODER,
+    EXPERIMENT,
+    FEDERATION,
+    K_ARM,
+    K_BRANCH,
+    K_DATA_DIRS,
+    K_FUSIONS,
+    K_MODELS,
+    K_NAMES,
+    K_OUT_DIRS,
+    K_PHASE,
+    K_ROLES,
+    K_ROUND,
+    K_SPLIT,
+    METRICS,
+    MODEL,
+    MODEL_PREFIX,
+    NUM_EXAMPLES,
+    PATIENT_SCORES,
+    SCORES,
+    SITE_CARD,
+    STAGE,
+    VIDEO_SCORES,
+)
 
 
 # --- the experiment as a flat ConfigRecord -----------------------------------------------------

@@ -68,10 +68,3 @@ def audit_command(
         typer.echo(f"audited in {time.monotonic() - t:.2f} s")
     raise typer.Exit(report.exit_code)
 
-
-def main() -> None:  # pragma: no cover - `python -m simulations.audit_cli`
-    typer.run(audit_command)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

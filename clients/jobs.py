@@ -1,0 +1,55 @@
+"""What a site does for each stage request: pick its own output folder, load its own data, call the
+framework-free stage (``common/stages.py``). Any site may get any of them that the wire contract
+allows its role: target sites pretrain, labeled sites fine-tune (the source's arms; the upper bound
+at a labeled target) and every site with labeled frames evaluates."""
+
+from __future__ import annotations
+
+from clients.site import LocalSite, load_data
+from common.fl.messages import StageRequest
+
+
+def pretrain(req: StageRequest, site: LocalSite):
+    """Pretrain ``req.branch`` (simmim | contrastive | simclr), continuing ``req.encoder`` if given.
+
+    Returns ``common.stages.StageResult`` (encoder-only weights + scalar metrics). The decoder and
+    projection head stay under the site's own output folder.
+    """
+    from common import stages
+
+    # a study's variant arms pretrain the same branch under their own name (req.arm)
+    out_dir = site.out_dir / f"pretrain-{req.arm or req.branch}-r{req.round}"
+    return stages.pretrain(
+        req.cfg,
+        req.branch,
+        load_data(site),
+        out_dir,
+        init_encoder=req.encoder,
+        name=req.arm or None,
+    )
+
+
+def finetune(req: StageRequest, site: LocalSite):
+    """Fine-tune a TransUNet for arm ``req.arm`` from ``req.encoder`` (None = baseline), or continue
+    the previous round's averaged ``req.model``. Returns ``common.stages.StageResult``."""
+    from common import stages
+
+    out_dir = site.out_dir / f"finetune-{req.arm}-r{req.round}"
+    data = load_data(site)
+    branch = req.branch or None  # the upper bound names no branch
+    return stages.finetune(
+        req.cfg, data, out_dir, req.encoder, req.arm, init_model=req.model, branch=branch
+    )
+
+
+def evaluate(req: StageRequest, site: LocalSite):
+    """Score each model in ``req.models`` and each fusion pair on the site's labeled ``req.split``.
+
+    Returns ``common.stages.EvalResult``; fusion-weight maps and overlays stay in the site folder.
+    """
+    from common import stages
+
+    out_dir = site.out_dir / f"evaluate-{req.split}"  # one folder per split: the last run's figures
+    return stages.evaluate(
+        req.cfg, load_data(site), out_dir, req.models, req.fusions, split=req.split
+    )

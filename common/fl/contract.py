@@ -1,0 +1,288 @@
+"""The wire contract: every message type, record name and who may send what — named once, as data —
+and the one check that enforces it.
+
+Server and sites import these names; no handler spells a wire name as a literal. :func:`check` is
+applied to a message as :func:`common.fl.describe.describe` renders it: by the site's guard before
+anything runs and before a reply leaves (``common/fl/guard.py``), by the server before it sends and
+on everything it receives (``server/workflow.py``), and by the auditor to every ledger line
+(``common/fl/audit.py``).
+
+| message type       | request                                   | reply                        |
+|--------------------|-------------------------------------------|------------------------------|
+| query.site         | federation table (simulation only)        | site card                    |
+| train.pretrain     | experiment + stage config, [encoder]      | encoder weights + metrics    |
+| train.finetune     | experiment + stage config, [encoder|model]| model weights + metrics      |
+| evaluate.segment   | experiment + stage config, models         | metrics + score vectors      |
+
+docs/architecture.md, "The wire contract", explains each row; docs/audit.md the bounds below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.config import ExperimentConfig
+
+# --- roles -----------------------------------------------------------------------------------
+SOURCE = "source"
+TARGET = "target"
+ROLES = (SOURCE, TARGET)
+ANY_ROLE = "*"  # query requests go to every node before its role is known
+
+# --- message types (Flower 1.42: "<train|evaluate|query>.<action>") --------------------------
+QUERY_SITE = "query.site"
+TRAIN_PRETRAIN = "train.pretrain"
+TRAIN_FINETUNE = "train.finetune"
+EVALUATE_SEGMENT = "evaluate.segment"
+MESSAGE_TYPES = (QUERY_SITE, TRAIN_PRETRAIN, TRAIN_FINETUNE, EVALUATE_SEGMENT)
+
+
+def action(message_type: str) -> str:
+    """The ClientApp action of a message type: ``action("train.pretrain") == "pretrain"``."""
+    return message_type.split(".", 1)[1]
+
+
+# --- record names ----------------------------------------------------------------------------
+FEDERATION = "federation"  # ConfigRecord: simulation table partition-id -> site (query only)
+EXPERIMENT = "experiment"  # ConfigRecord: the flat experiment config the site runs with
+STAGE = "stage"  # ConfigRecord: what to do (branch / arm / round / models / fusions)
+ENCODER = "encoder"  # ArrayRecord: encoder-only state dict
+MODEL = "model"  # ArrayRecord: full TransUNet state dict (finetune reply / next-round init)
+MODEL_PREFIX = "model."  # ArrayRecords "model.<arm>" in an evaluate request
+SITE_CARD = "site"  # ConfigRecord: name, role, counts.<split>.<videos|frames|labeled>
+METRICS = "metrics"  # MetricRecord: scalars, always including NUM_EXAMPLES
+SCORES = "scores"  # MetricRecord: per-image score vectors "<method>/<dice|iou>"
+VIDEO_SCORES = "video-scores"  # MetricRecord: per-video mean score vectors, same keys
+PATIENT_SCORES = "patient-scores"  # MetricRecord: per-patient mean score vectors, same keys
+SCORE_RECORDS = frozenset({SCORES, VIDEO_SCORES, PATIENT_SCORES})  # the only lists that cross
+
+NUM_EXAMPLES = "num-examples"  # the weighting key for federated averaging
+
+# Keys of the STAGE record.
+K_PHASE = "phase"
+K_ROUND = "round"
+K_BRANCH = "branch"
+K_ARM = "arm"
+K_MODELS = "models"
+K_FUSIONS = "fusions"
+K_SPLIT = "split"
+# Keys of the FEDERATION record (parallel lists, index = partition-id).
+K_NAMES = "names"
+K_ROLES = "roles"
+K_DATA_DIRS = "data-dirs"
+K_OUT_DIRS = "out-dirs"
+# Keys of the SITE_CARD record.
+K_NAME = "name"
+K_ROLE = "role"
+
+CONFIG, ARRAY, METRIC = "ConfigRecord", "ArrayRecord", "MetricRecord"
+
+# Record name -> the one record type it may have ("model.<arm>" records are ArrayRecords).
+RECORD_TYPES: dict[str, str] = {
+    FEDERATION: CONFIG,
+    EXPERIMENT: CONFIG,
+    STAGE: CONFIG,
+    ENCODER: ARRAY,
+    MODEL: ARRAY,
+    SITE_CARD: CONFIG,
+    METRICS: METRIC,
+    SCORES: METRIC,
+    VIDEO_SCORES: METRIC,
+    PATIENT_SCORES: METRIC,
+}
+
+# (message type, addressee role) -> record names the request may carry. ``MODEL_PREFIX`` stands for
+# any "model.<arm>" record.
+ALLOWED_REQUEST_RECORDS: dict[tuple[str, str], frozenset[str]] = {
+    (QUERY_SITE, ANY_ROLE): frozenset({FEDERATION}),
+    (TRAIN_PRETRAIN, TARGET): frozenset({EXPERIMENT, STAGE, ENCODER}),
+    (TRAIN_FINETUNE, SOURCE): frozenset({EXPERIMENT, STAGE, ENCODER, MODEL}),
+    (TRAIN_FINETUNE, TARGET): frozenset({EXPERIMENT, STAGE, MODEL}),  # upper bound: no encoder
+    (EVALUATE_SEGMENT, SOURCE): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
+    (EVALUATE_SEGMENT, TARGET): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
+}
+
+# (message type, sender role) -> record names the reply may carry. Nothing else crosses.
+ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
+    (QUERY_SITE, SOURCE): frozenset({SITE_CARD}),
+    (QUERY_SITE, TARGET): frozenset({SITE_CARD}),
+    (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS}),
+    (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS}),
+    (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS}),
+    (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
+    (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
+}
+
+# Bounds for what may ride in scalar records (a frame must not fit through them).
+MAX_METRIC_KEYS = 256  # keys per MetricRecord
+MAX_CARD_KEYS = 32  # keys in a site card (an honest one has 15)
+MAX_STR = 128  # characters per key name, and per config string in a reply
+
+
+class ContractViolation(RuntimeError):
+    """A message carries something the wire contract or the model schema does not allow."""
+
+
+def record_type(name: str) -> str | None:
+    """The record type ``name`` must have, or None for a name the contract does not know."""
+    return ARRAY if name.startswith(MODEL_PREFIX) else RECORD_TYPES.get(name)
+
+
+def allowed(kind: str, message_type: str, role: str) -> frozenset[str]:
+    """Record names a ``kind`` ("request" | "reply") of ``message_type`` may carry to / from a
+    ``role`` site — the one allow-list lookup.
+
+    Raises:
+        ContractViolation: no such message may go to (come from) that role at all.
+    """
+    if kind == "request":
+        table = ALLOWED_REQUEST_RECORDS
+        key = (message_type, ANY_ROLE)
+        if key not in table:
+            key = (message_type, role)
+    else:
+        table, key = ALLOWED_REPLY_RECORDS, (message_type, role)
+    if key not in table:
+        way = "to" if kind == "request" else "from"
+        raise ContractViolation(f"no {message_type!r} {kind} is allowed {way} a {role!r} site")
+    return table[key]
+
+
+def _check_records(what: str, records: list[dict], allow: frozenset[str]) -> None:
+    names = [r["name"] for r in records]
+    if len(set(names)) != len(names):
+        raise ContractViolation(f"{what}: a record name repeats")
+    for rec in records:
+        key = MODEL_PREFIX if rec["name"].startswith(MODEL_PREFIX) else rec["name"]
+        if key not in allow:
+            raise ContractViolation(
+                f"{what}: record {rec['name']!r} is not allowed (allowed: {sorted(allow)})"
+            )
+        if rec["type"] != record_type(rec["name"]):
+            raise ContractViolation(
+                f"{what}: record {rec['name']!r} must be a {record_type(rec['name'])}"
+            )
+
+
+def _dtype_ok(wire: str, expected: str) -> bool:
+    # fp16 on the wire is fine for floating-point parameters
+    return wire == expected or (
+        expected.startswith(("float", "bfloat")) and wire in ("float16", "float32")
+    )
+
+
+def _check_arrays(what: str, rec: dict, cfg: ExperimentConfig | None) -> None:
+    """Every array is a parameter of the model ``cfg`` describes, and all of them are there."""
+    from common.fl.schema import model_schema
+
+    if cfg is None:
+        raise ContractViolation(
+            f"{what}: weights {rec['name']!r} without an experiment config to check them against"
+        )
+    schema = model_schema(cfg, rec["name"])
+    arrays = {a["name"]: a for a in rec["arrays"]}
+    if len(arrays) != len(rec["arrays"]):
+        raise ContractViolation(f"{what}: record {rec['name']!r} repeats an array name")
+    extra = sorted(set(arrays) - set(schema))
+    if extra:
+        a = arrays[extra[0]]
+        raise ContractViolation(
+            f"{what}: array {extra[0]!r} {a['shape']} {a['dtype']} in {rec['name']!r} is not a "
+            f"model parameter ({len(extra)} unexpected)"
+        )
+    for k, a in arrays.items():
+        shape, dtype = schema[k]
+        if tuple(a["shape"]) != shape or not _dtype_ok(a["dtype"], dtype):
+            raise ContractViolation(
+                f"{what}: array {k!r} in {rec['name']!r} is {a['shape']} {a['dtype']}, "
+                f"the model parameter is {list(shape)} {dtype}"
+            )
+        if "payload" in a:
+            raise ContractViolation(f"{what}: array {k!r} in {rec['name']!r}: {a['payload']}")
+    missing = sorted(set(schema) - set(arrays))
+    if missing:
+        raise ContractViolation(
+            f"{what}: record {rec['name']!r} lacks {len(missing)} parameter(s), e.g. {missing[:3]}"
+        )
+
+
+def _is_number(v: Any) -> bool:
+    # described non-finite floats are the strings "nan", "inf", "-inf" (JSON has no such numbers)
+    return isinstance(v, int | float) and not isinstance(v, bool) or v in ("nan", "inf", "-inf")
+
+
+def _check_metrics(what: str, rec: dict, limit: int) -> None:
+    metrics = rec["metrics"]
+    if len(metrics) > MAX_METRIC_KEYS:
+        raise ContractViolation(
+            f"{what}: {rec['name']!r} has {len(metrics)} metrics (at most {MAX_METRIC_KEYS})"
+        )
+    for k, v in metrics.items():
+        if len(k) > MAX_STR:
+            raise ContractViolation(
+                f"{what}: a metric name in {rec['name']!r} has {len(k)} characters"
+            )
+        if _is_number(v):
+            continue
+        if isinstance(v, dict) and set(v) == {"len"}:
+            if rec["name"] not in SCORE_RECORDS:
+                raise ContractViolation(
+                    f"{what}: metric {k!r} in {rec['name']!r} is a list; only score vectors may be"
+                )
+            if v["len"] > limit:
+                raise ContractViolation(
+                    f"{what}: metric {k!r} in {rec['name']!r} is a list of {v['len']} numbers, "
+                    f"more than the {limit} evaluated image(s)"
+                )
+            continue
+        raise ContractViolation(
+            f"{what}: metric {k!r} in {rec['name']!r} is not a number or list of numbers ({v})"
+        )
+
+
+def _check_config(what: str, rec: dict) -> None:
+    config = rec["config"]
+    if len(config) > MAX_CARD_KEYS:
+        raise ContractViolation(
+            f"{what}: {rec['name']!r} has {len(config)} keys (at most {MAX_CARD_KEYS})"
+        )
+    for k, v in config.items():
+        if len(k) > MAX_STR:
+            raise ContractViolation(f"{what}: a key in {rec['name']!r} has {len(k)} characters")
+        if isinstance(v, list | dict) or (isinstance(v, str) and len(v) > MAX_STR):
+            raise ContractViolation(f"{what}: {rec['name']!r} key {k!r} is not a short scalar")
+
+
+def _list_limit(records: list[dict], max_list: int | None) -> int:
+    """Score vectors are at most as long as the reply's own example count (and ``max_list``)."""
+    n = next((r["metrics"].get(NUM_EXAMPLES) for r in records if r["name"] == METRICS), None)
+    limit = int(n) if isinstance(n, int | float) and not isinstance(n, bool) and n >= 0 else 0
+    return limit if max_list is None else min(limit, max_list)
+
+
+def check(
+    kind: str,
+    message_type: str,
+    role: str,
+    records: list[dict],
+    cfg: ExperimentConfig | None,
+    max_list: int | None = None,
+) -> None:
+    """The contract, on a described message. ``kind`` is "request" or "reply"; ``role`` the site's;
+    ``cfg`` the experiment of the request (weights are checked against its model); ``max_list`` an
+    outside bound on score-vector lengths (the server: the site's labeled count of the split).
+
+    Raises:
+        ContractViolation: naming the first record, array or metric that may not cross.
+    """
+    way = "to" if kind == "request" else "from"
+    what = f"{message_type} {kind} {way} {role or '?'}"
+    _check_records(what, records, allowed(kind, message_type, role))
+    limit = _list_limit(records, max_list) if kind == "reply" else 0
+    for rec in records:
+        if rec["type"] == ARRAY:
+            _check_arrays(what, rec, cfg)
+        elif kind == "reply" and rec["type"] == METRIC:
+            _check_metrics(what, rec, limit)
+        elif kind == "reply" and rec["type"] == CONFIG:
+            _check_config(what, rec)

@@ -1,0 +1,5 @@
+"""``python -m crossprobe`` is the ``crossprobe`` command."""
+
+from crossprobe.cli import main
+
+main()
