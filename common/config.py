@@ -2,7 +2,7 @@
 
 An experiment YAML (``configs/*.yaml``) is validated here once, at the edge, and the rest of the
 code receives typed, frozen slices of it (``ModelConfig``, ``SimMIMConfig`` …), never raw dicts.
-Defaults are the paper's choices as decided in ``shared/docs/method.md``; the tiny/demo configs
+Defaults are the paper's choices as decided in ``docs/method.md``; the tiny/demo configs
 override sizes and budgets only.
 """
 
@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common import arms
 
 Role = Literal["source", "target"]
 FusionMode = Literal["entropy", "margin", "mean"]
@@ -58,7 +60,8 @@ class ModelConfig(_Frozen):
             raise ValueError(f"model.img_size must be a multiple of 16 (got {self.img_size})")
         if self.embed_dim % self.num_heads:
             raise ValueError(
-                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
+                f"model.embed_dim ({self.embed_dim}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
             )
         if any(n < 1 for n in self.resnet_layers):
             raise ValueError(f"model.resnet_layers must all be >= 1 (got {self.resnet_layers})")
@@ -92,7 +95,7 @@ class OptimConfig(_Frozen):
 
 
 class SimMIMConfig(_Frozen):
-    """Branch 1, SimMIM on TransUNet (method.md, "Branch 1")."""
+    """Branch 1, SimMIM on TransUNet (docs/method.md, "Branch 1: SimMIM")."""
 
     mask_patch_size: int = Field(32, ge=1)
     mask_ratio: float = 0.6
@@ -110,7 +113,8 @@ class SimMIMConfig(_Frozen):
 
 
 class ContrastiveConfig(_Frozen):
-    """Branch 2, MT-NXent (method.md, "Branch 2"). ``min_frame_gap`` 0 is SimCLR's NT-Xent."""
+    """Branch 2, MT-NXent (docs/method.md, "Branch 2: MT-NXent"). ``min_frame_gap`` 0 is SimCLR's
+    NT-Xent."""
 
     temperature: float = 0.5
     min_frame_gap: int = 15
@@ -142,7 +146,7 @@ class ContrastiveConfig(_Frozen):
 
 
 class FinetuneConfig(_Frozen):
-    """Supervised fine-tuning at the source site with DiceBCE; best checkpoint by validation loss."""
+    """Supervised DiceBCE fine-tuning at the source site; best checkpoint by validation loss."""
 
     weight_decay_contrastive: float = Field(0.1, ge=0)  # the paper's contrastive-branch decay
     augment: bool = False  # strong appearance augmentation (the source-only baseline's option)
@@ -152,7 +156,7 @@ class FinetuneConfig(_Frozen):
 
 
 class FusionConfig(_Frozen):
-    """Confidence-aware infusion head (method.md)."""
+    """Confidence-aware infusion head (docs/method.md, "Confidence-aware fusion")."""
 
     modes: tuple[FusionMode, ...] = ("entropy", "margin", "mean")
     default_mode: FusionMode = "entropy"
@@ -172,8 +176,9 @@ class SynthConfig(_Frozen):
     videos_per_patient: int = Field(3, ge=1)
     frames_per_video: int = Field(40, ge=1)
     img_size: int | None = None  # rendered frame size; None = model.img_size
-    # operator effects (tilt, contact loss, off-plane frames) and annotator noise; 2.0 is calibrated
-    # so the target's lower→upper DSC gap is >= 0.10 on every seed (simulations/phantom/calibrate.py)
+    # operator effects (tilt, contact loss, off-plane frames) and annotator noise; 2.0 is
+    # calibrated so the target's lower→upper DSC gap is >= 0.10 on every seed
+    # (simulations/phantom/calibrate.py)
     difficulty: float = Field(DEFAULT_DIFFICULTY, ge=0)
     seed: int = 0
     mask: Literal["band", "full"] = "band"  # label a band below the bone surface, or all below it
@@ -212,29 +217,28 @@ class RuntimeConfig(_Frozen):
 
 
 ARM_NAME = r"^[a-z][a-z0-9_.-]*$"
-# the arms every run has (server/report.py and common/fl/protocol.py use the same names)
-BUILTIN_ARMS = ("simmim", "mtnxent", "simclr", "lower", "upper")
+VariantBranch = Literal[arms.VARIANT_BRANCHES]  # type: ignore[valid-type]  (names: common/arms.py)
 VARIANT_SECTIONS = ("simmim", "contrastive", "finetune")  # what a variant may change (+ "seed")
 
 
 class VariantConfig(_Frozen):
-    """One extra arm of a study (issue 7): a pretraining branch or the lower bound, run with a few
-    settings changed, e.g. ``{name: tau0.1, branch: contrastive, set: {contrastive.temperature: 0.1}}``.
+    """One extra arm of a study: a pretraining branch or the lower bound, run with a few settings
+    changed, e.g. ``{name: tau0.1, branch: contrastive, set: {contrastive.temperature: 0.1}}``.
 
-    ``set`` takes dotted keys under ``simmim.``, ``contrastive.``, ``finetune.`` or ``seed`` (a second
-    model of the same recipe). The model itself never changes, so every arm's weights share one
-    schema and any two can be fused.
+    ``set`` takes dotted keys under ``simmim.``, ``contrastive.``, ``finetune.`` or ``seed``
+    (a second model of the same recipe). The model itself never changes, so every arm's weights
+    share one schema and any two can be fused.
     """
 
     name: str = Field(pattern=ARM_NAME, max_length=40)
-    branch: Literal["simmim", "contrastive", "simclr", "lower"]
+    branch: VariantBranch
     set: dict[str, float | int | bool | str] = Field(default_factory=dict)
     every_seed: bool = False  # a main-table row: run on every seed, not only study.variant_seeds
 
     @model_validator(mode="after")
     def _check(self) -> VariantConfig:
-        if self.name in BUILTIN_ARMS:
-            raise ValueError(f"variant name {self.name!r} is a built-in arm {BUILTIN_ARMS}")
+        if self.name in arms.BUILTIN_ARMS:
+            raise ValueError(f"variant name {self.name!r} is a built-in arm {arms.BUILTIN_ARMS}")
         for key in self.set:
             head = key.split(".", 1)[0]
             if key != "seed" and (head not in VARIANT_SECTIONS or "." not in key):
@@ -246,7 +250,7 @@ class VariantConfig(_Frozen):
 
 
 class StudyConfig(_Frozen):
-    """Extra arms, extra fused pairs and seeds for ``crossprobe experiment`` (issue 7)."""
+    """Extra arms, extra fused pairs and seeds for ``crossprobe experiment``."""
 
     variants: tuple[VariantConfig, ...] = ()
     pairs: tuple[tuple[str, str], ...] = ()  # extra fused pairs of arm names (Table 8)
@@ -256,7 +260,7 @@ class StudyConfig(_Frozen):
 
 
 class ExperimentConfig(_Frozen):
-    """A whole experiment: model, the three stages, fusion, sites, runtime (and an optional study)."""
+    """A whole experiment: model, three stages, fusion, sites, runtime (and an optional study)."""
 
     name: str = "experiment"
     seed: int = 0
@@ -276,12 +280,12 @@ class ExperimentConfig(_Frozen):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"sites: duplicate site name(s) {sorted(dup)}")
-        arms = [v.name for v in self.study.variants]
-        dup = {n for n in arms if arms.count(n) > 1}
+        variants = [v.name for v in self.study.variants]
+        dup = {n for n in variants if variants.count(n) > 1}
         if dup:
             raise ValueError(f"study.variants: duplicate name(s) {sorted(dup)}")
-        known = {"simmim", "mtnxent", "lower", "upper", *arms}
-        known |= {"simclr"} if self.contrastive.simclr_arm else set()
+        built_in = arms.pretrain_branches(self.contrastive.simclr_arm)
+        known = {*(arms.BRANCHES[b].arm for b in built_in), arms.LOWER, arms.UPPER, *variants}
         for a, b in self.study.pairs:
             for arm in (a, b):
                 if arm not in known:
@@ -342,7 +346,11 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def parse_experiment(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Validate a mapping as an experiment. Raises ConfigError naming ``source`` and each bad key."""
+    """Validate a mapping as an experiment.
+
+    Raises:
+        ConfigError: naming ``source`` and each bad key.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment must be a mapping at the top level")
     try:

@@ -25,7 +25,8 @@ def overlay_figure(
     path: Path,
     threshold: float = 0.5,
 ) -> None:
-    """Rows = frames; columns = ground truth, then each method (prediction contour in red, truth in green)."""
+    """Rows = frames; columns = ground truth, then each method (prediction contour in red, truth
+    in green)."""
     n = images.shape[0]
     cols = ["ground truth", *probs]
     fig, axes = plt.subplots(
@@ -56,7 +57,8 @@ def fusion_weight_figure(
     weights: dict[str, torch.Tensor],
     path: Path,
 ) -> None:
-    """Rows = frames; columns = image, then each fusion's weight map c_g/(c_g+c_c) (1 = generative branch)."""
+    """Rows = frames; columns = image, then each fusion's weight map c_g/(c_g+c_c)
+    (1 = generative branch)."""
     n = images.shape[0]
     names = list(weights)
     fig, axes = plt.subplots(

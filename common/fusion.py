@@ -1,4 +1,5 @@
-"""Confidence-aware infusion head (method.md): fuse two branches' sigmoid maps pixel by pixel."""
+"""Confidence-aware infusion head (docs/method.md, "Confidence-aware fusion"): fuse two
+branches' sigmoid maps pixel by pixel."""
 
 from __future__ import annotations
 

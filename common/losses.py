@@ -1,4 +1,4 @@
-"""Losses of the three stages (method.md): masked L1 (SimMIM), MT-NXent, DiceBCE.
+"""Losses of the three stages (docs/method.md): masked L1 (SimMIM), MT-NXent, DiceBCE.
 
 Every loss documents its tensor shapes and raises ``ValueError`` naming a bad argument.
 """
@@ -41,11 +41,11 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 class MTNXentLoss(nn.Module):
     """MT-NXent: NT-Xent whose denominator excludes temporally adjacent frames of the same video.
 
-    z = [z_i; z_j] (2B × d), s = z zᵀ / τ. Excluded from each row's denominator: the diagonal and every
-    (a, b) with the same video and |frame_a − frame_b| < ``min_frame_gap`` (strict), across both
-    views — never the positive (i, i+B). Cross-entropy over the 2B rows with the positive as target.
-    ``min_frame_gap=0`` is exactly SimCLR's NT-Xent. The excluded logits are filled with the dtype's
-    minimum (safe in float16/bfloat16), not a literal −9e15.
+    z = [z_i; z_j] (2B × d), s = z zᵀ / τ. Excluded from each row's denominator: the diagonal and
+    every (a, b) with the same video and |frame_a − frame_b| < ``min_frame_gap`` (strict), across
+    both views — never the positive (i, i+B). Cross-entropy over the 2B rows with the positive as
+    target. ``min_frame_gap=0`` is exactly SimCLR's NT-Xent. The excluded logits are filled with the
+    dtype's minimum (safe in float16/bfloat16), not a literal −9e15.
 
     Args to forward:
         z_i, z_j: (B, d) projections of the two views (normalised here, so any scale works).
@@ -91,7 +91,8 @@ class MTNXentLoss(nn.Module):
             raise ValueError(f"batch size must be >= 2 (got {b})")
         if video_ids.shape != (b,) or frame_indices.shape != (b,):
             raise ValueError(
-                f"video_ids {tuple(video_ids.shape)} and frame_indices {tuple(frame_indices.shape)} must be ({b},)"
+                f"video_ids {tuple(video_ids.shape)} and "
+                f"frame_indices {tuple(frame_indices.shape)} must be ({b},)"
             )
         z = F.normalize(torch.cat([z_i, z_j]), dim=1)
         sim = (z @ z.t()) / self.temperature

@@ -1,4 +1,5 @@
-"""Per-image Dice / IoU and the paired Wilcoxon test with the paper's stars (method.md)."""
+"""Per-image Dice / IoU and the paired Wilcoxon test with the paper's stars (docs/method.md,
+"Evaluation and statistics")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     Args:
         pred, target: (B, H, W) or (B, 1, H, W) binary masks (bool or {0, 1}).
     Returns:
-        dice (B,), iou (B,) as float64: Dice = (2|P∩G| + 1)/(|P| + |G| + 1), IoU = (|P∩G| + 1)/(|P∪G| + 1).
+        dice (B,), iou (B,) as float64: Dice = (2|P∩G| + 1)/(|P| + |G| + 1),
+        IoU = (|P∩G| + 1)/(|P∪G| + 1).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match")

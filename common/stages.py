@@ -38,6 +38,7 @@ from common.models import (
 if TYPE_CHECKING:
     from common.data.manifest import SiteData
 
+
 @dataclass
 class StageResult:
     """What a training stage ships: weights, scalar metrics, and the example count for averaging."""
@@ -250,10 +251,10 @@ def finetune(
 ) -> StageResult:
     """Supervised TransUNet training on the site's labeled train frames with DiceBCE.
 
-    Only ``encoder`` tensors are loaded into a fresh model (decoder and head random); ``None`` is the
-    lower bound (random init, or ``cfg.model.checkpoint`` when set). ``init_model`` (a whole model
-    from a previous federated round) takes precedence. ``branch`` is the branch the encoder came
-    from (its weight decay: docs/method.md, "Fine-tuning"). The checkpoint with the lowest
+    Only ``encoder`` tensors are loaded into a fresh model (decoder and head random); ``None`` is
+    the lower bound (random init, or ``cfg.model.checkpoint`` when set). ``init_model`` (a whole
+    model from a previous federated round) takes precedence. ``branch`` is the branch the encoder
+    came from (its weight decay: docs/method.md, "Fine-tuning"). The checkpoint with the lowest
     validation DiceBCE is kept and returned; a site without labeled validation frames keeps the
     last one.
 

@@ -1,9 +1,9 @@
 """`crossprobe audit`: check, after the fact, that only declared model weights and bounded scalars
 crossed — from the hash-chained ledgers the server and every site wrote (``common/fl/audit.py``).
 
-    crossprobe audit runs/tiny                  server ledger + the simulated sites' ledgers
-    crossprobe audit --site /data/out/site-a    one site's own ledger(s), independently of the server
-    crossprobe audit RUN_DIR --site DIR ...     a deployed run's server ledger against site ledgers
+    crossprobe audit runs/tiny                server ledger + the simulated sites' ledgers
+    crossprobe audit --site /data/out/site-a  one site's own ledger(s), independently of the server
+    crossprobe audit RUN_DIR --site DIR ...   a deployed run's server ledger against site ledgers
 
 Exit codes: 0 pass, 1 no ledger found, 3 a chain is broken (a line edited, deleted, inserted or
 reordered), 4 something outside the contract crossed, 5 site and server ledgers disagree.
@@ -67,4 +67,3 @@ def audit_command(
         typer.echo(report.render())
         typer.echo(f"audited in {time.monotonic() - t:.2f} s")
     raise typer.Exit(report.exit_code)
-

@@ -27,7 +27,9 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "simulate": Command(
-        "simulations.simulate", "simulate_command", "Run the whole federated study on simulated sites."
+        "simulations.simulate",
+        "simulate_command",
+        "Run the whole federated study on simulated sites.",
     ),
     "experiment": Command(
         "simulations.experiment",
@@ -42,7 +44,9 @@ COMMANDS: dict[str, Command] = {
         "audit_command",
         "Check that only weights and scalars crossed (ledgers).",
     ),
-    "certs": Command("deploy.certs", "certs_command", "Create TLS certificates and SuperNode keys."),
+    "certs": Command(
+        "deploy.certs", "certs_command", "Create TLS certificates and SuperNode keys."
+    ),
     "preflight": Command(
         "deploy.preflight", "preflight_command", "Check a site is ready to join a federation."
     ),

@@ -157,9 +157,9 @@ def make_certs(
 ) -> list[Path]:
     """Create what is missing under ``out`` (see the module docstring); return the files written.
 
-    Existing files are kept (rerunning is safe and adds new sites with the same CA) unless ``force``,
-    which makes everything anew. The server certificate names ``localhost``, ``127.0.0.1``,
-    ``superlink`` and ``hosts``.
+    Existing files are kept (rerunning is safe and adds new sites with the same CA) unless
+    ``force``, which makes everything anew. The server certificate names ``localhost``,
+    ``127.0.0.1``, ``superlink`` and ``hosts``.
 
     Raises:
         typer.BadParameter: a site name unusable as a file/container name.

@@ -1,6 +1,6 @@
 """``crossprobe compose``: ``docker-compose.yml`` (the two-site demo on one Docker host) and
-``deploy/{site,coordinator}.compose.yml`` (one hospital; the coordinator), generated from the command
-lines in ``deploy/argv.py``. Do not edit the generated files by hand."""
+``deploy/{site,coordinator}.compose.yml`` (one hospital; the coordinator), generated from the
+command lines in ``deploy/argv.py``. Do not edit the generated files by hand."""
 
 from __future__ import annotations
 
@@ -133,7 +133,10 @@ def site_compose() -> dict[str, Any]:
     superlink = "${SUPERLINK_ADDRESS:?set SUPERLINK_ADDRESS=host:port of the coordinator}"
     name = "${SITE_NAME:?set SITE_NAME}"
     role = "${SITE_ROLE:?set SITE_ROLE=source or target}"
-    certs = "${SITE_CERTS:?set SITE_CERTS=folder holding this site's certs/sites/<site> files}:/certs:ro"
+    certs = (
+        "${SITE_CERTS:?set SITE_CERTS=folder holding this site's certs/sites/<site> files}"
+        ":/certs:ro"
+    )
     data = "${SITE_DATA:?set SITE_DATA=the site's canonical data folder}:/data:ro"
     outputs = f"${{SITE_OUTPUTS:-./outputs}}:{C_OUTPUTS}"
     return {

@@ -83,7 +83,7 @@ def launch(
     wait_for: float = 120.0,
     say=print,
 ) -> dict:
-    """Register ``keys``, ``flwr run`` the app, wait for the run to end; return its ``flwr ls`` entry.
+    """Register ``keys``, ``flwr run`` the app, wait for it to end; return its ``flwr ls`` entry.
 
     ``env`` must carry a writable ``FLWR_HOME``; the connection is written there.
 

@@ -83,7 +83,8 @@ def _check_pair(crt: Path, key: Path, ca_cert) -> str:
     now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ValueError(
-            f"{crt}: not valid now (valid {cert.not_valid_before_utc} .. {cert.not_valid_after_utc})"
+            f"{crt}: not valid now "
+            f"(valid {cert.not_valid_before_utc} .. {cert.not_valid_after_utc})"
         )
     if _pub_bytes(cert.public_key()) != _pub_bytes(k.public_key()):
         raise ValueError(f"{key}: does not match {crt}")
@@ -97,7 +98,8 @@ def _pub_bytes(pub) -> bytes:
 
 
 def _check_certs(certs: Path) -> tuple[int, str]:
-    """The files of a ``certs/sites/<site>`` or ``certs/superlink`` folder, present and consistent."""
+    """The files of a ``certs/sites/<site>`` or ``certs/superlink`` folder, present and
+    consistent."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -171,8 +173,14 @@ def preflight(
         else:
             ca = certs / CA_CERT if certs is not None else None
             if ca is None or not ca.is_file():
-                checks.append(Check("superlink tls", Exit.CERTS_MISSING, False,
-                                    f"{superlink}: no CA certificate to verify it with ({ca})"))  # fmt: skip
+                checks.append(
+                    Check(
+                        "superlink tls",
+                        Exit.CERTS_MISSING,
+                        False,
+                        f"{superlink}: no CA certificate to verify it with ({ca})",
+                    )
+                )
             else:
                 try:
                     v = check_tls(host, port, ca, timeout)

@@ -1,4 +1,5 @@
-"""The coordinator as a Flower ServerApp: read the run settings, load the experiment, run the phases.
+"""The coordinator as a Flower ServerApp: read the run settings, load the experiment, run the
+phases.
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml — the one place their defaults are
 written — overridable with ``flwr run --run-config``): ``experiment`` (YAML; relative paths resolve

@@ -211,8 +211,8 @@ class Exchange:
             )
         plog.messages += len(outgoing)
         self.log(
-            f"{phase} round {rnd} done in {time.monotonic() - t:.1f} s (sent {mb(plog.bytes_sent)}, "
-            f"received {mb(plog.bytes_received)} so far)"
+            f"{phase} round {rnd} done in {time.monotonic() - t:.1f} s "
+            f"(sent {mb(plog.bytes_sent)}, received {mb(plog.bytes_received)} so far)"
         )
         return out
 

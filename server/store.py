@@ -3,9 +3,10 @@
 Layout (``run_dir``)::
 
     config.yaml              the experiment this run used
-    phases.json              {"fingerprint": ..., "completed": [{"phase", "seconds", "bytes_*", ...}]}
-    phases/<phase>/<key>.safetensors   averaged weights a phase produced (one file per branch / arm)
-    phases/<phase>/metrics.json        what the sites reported in that phase (scalars, score vectors)
+    phases.json              {"fingerprint": ...,
+                              "completed": [{"phase", "seconds", "bytes_*", ...}]}
+    phases/<phase>/<key>.safetensors  averaged weights a phase produced (one file per branch / arm)
+    phases/<phase>/metrics.json       what the sites reported in that phase (scalars, score vectors)
     results.json, report.md  written last, only when the whole run completed
     FAILED.json              why the last attempt stopped (removed when a later attempt completes)
 

@@ -11,7 +11,8 @@ Per evaluated site and method:
   so the per-image test overstates the evidence; the per-video test is the one verdicts use;
 - the **noise floor**: the seed-to-seed sd of the lower bound's DSC on that site. A difference no
   larger than the noise floor is never called a win or a loss, whatever its p-value;
-- the share of the lower→upper gap that ours closes (target sites), from the seed means and per seed.
+- the share of the lower→upper gap that ours closes (target sites), from the seed means and per
+  seed.
 
 Plus: the fusion mode chosen on source validation (Table 7), one table per setting a study varies
 (Tables 5 and 6: temperature, frame gap, sampler …), the fused pairs (Table 8), and the same-recipe
@@ -194,8 +195,8 @@ def ablations(
         except AttributeError:
             base_value = "base"
         entries = [(base_value, base), *members]
-        if key == "contrastive.min_frame_gap" and "simclr" in rows:
-            entries.append(("0", "simclr"))
+        if key == "contrastive.min_frame_gap" and arms.SIMCLR in rows:
+            entries.append(("0", arms.SIMCLR))
         out = []
         for value, arm in entries:
             if arm not in rows:
@@ -341,10 +342,10 @@ def _header(study: dict[str, Any]) -> list[str]:
         f"# crossprobe study — {study['experiment']}",
         "",
         f"Seeds {study['seeds']} (one federated run each; same sites and test frames, different "
-        "training seed). DSC/IoU: mean over seeds of the per-image mean, ± sd over seeds. p: paired "
-        "two-sided Wilcoxon vs ours on the seed-averaged score per image (the paper's test), per "
-        "video and per patient. A verdict needs |Δ| above the noise floor (the lower bound's "
-        "seed-to-seed sd) and per-video p < 0.05.",
+        "training seed). DSC/IoU: mean over seeds of the per-image mean, ± sd over seeds. p: "
+        "paired two-sided Wilcoxon vs ours on the seed-averaged score per image (the paper's "
+        "test), per video and per patient. A verdict needs |Δ| above the noise floor (the lower "
+        "bound's seed-to-seed sd) and per-video p < 0.05.",
         "",
     ]
     if study.get("wall_seconds"):

@@ -1,6 +1,6 @@
-"""Pictures of a study (scores only, no frames): DSC per method over seeds, and per-video DSC of ours
-against the lower bound. The frame-level pictures (Fig. 5 overlays, Fig. 6 fusion weights, loss
-curves) are written by each site under its own folder."""
+"""Pictures of a study (scores only, no frames): DSC per method over seeds, and per-video DSC of
+ours against the lower bound. The frame-level pictures (Fig. 5 overlays, Fig. 6 fusion weights,
+loss curves) are written by each site under its own folder."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def study_figures(study: dict[str, Any], runs: list[dict[str, Any]], out_dir: Pa
 
         x = vid(arms.LOWER)
         if x is not None:
-            for m, marker in ((ours, "o"), ("simmim", "s"), ("mtnxent", "^"), (arms.UPPER, "x")):
+            markers = ((ours, "o"), (arms.SIMMIM, "s"), (arms.MTNXENT, "^"), (arms.UPPER, "x"))
+            for m, marker in markers:
                 yv = vid(m)
                 if yv is not None:
                     ax.scatter(x, yv, marker=marker, label=labels.get(m, m), alpha=0.8)

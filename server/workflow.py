@@ -296,8 +296,8 @@ class Workflow:
         return jobs
 
     def finetune(self, encoders: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
-        """A TransUNet per encoder + the lower bound at every labeled source site; the upper bound at
-        every target site with labeled train frames."""
+        """A TransUNet per encoder + the lower bound at every labeled source site; the upper bound
+        at every target site with labeled train frames."""
         models: dict[str, ArrayRecord] = {}
         for rnd in range(1, self.cfg.rounds + 1):
             jobs = self._finetune_jobs(rnd, encoders, models)

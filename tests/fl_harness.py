@@ -2,8 +2,8 @@
 ClientApp in one process, every message passed through Flower's own serialisation
 (deflate → bytes → inflate, as the SuperLink stores them), no Ray, no SuperLink.
 
-Leans on Flower internals (``TaskIdentity``, ``inflate_object_from_contents``); the ``flower_identity``
-fixture in ``tests/conftest.py`` is the one place that sets the task identity.
+Leans on Flower internals (``TaskIdentity``, ``inflate_object_from_contents``); the
+``flower_identity`` fixture in ``tests/conftest.py`` is the one place that sets the task identity.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ RUN_ID = 4242
 
 
 def wire(msg: Message) -> tuple[Message, int]:
-    """Serialise ``msg`` the way the runtime does and rebuild it; returns (copy, bytes on the wire)."""
+    """Serialise ``msg`` the way the runtime does and rebuild it.
+
+    Returns:
+        (copy, bytes on the wire).
+    """
     objects = get_all_nested_objects(msg)
     contents = {oid: obj.deflate() for oid, obj in objects.items()}
     size = sum(len(c) for c in contents.values())

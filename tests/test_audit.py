@@ -122,7 +122,6 @@ def _audit_cli(*args: str):
 
 # ------------------------------------------------------------------ a clean run
 def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_run):
-    # Prepare
     run, _, _ = clean_run
     cfg = load_experiment(run / "config.yaml")
     enc = schema.schema_bytes(schema.model_schema(cfg, contract.ENCODER))
@@ -135,9 +134,7 @@ def test_clean_run_audits_clean_and_counts_exactly_the_exchanged_weights(clean_r
             for t in load_file(str(f)).values()
         )
 
-    # Execute
     report = audit.audit_run(run)
-    # Assert
     assert report.ok, report.render()
     # 11 requests + replies: 2 query, 2 pretrain, 4 finetune, 3 evaluate (2 test + source val)
     assert len(report.ledgers) == 3 and report.checked["matched messages"] == 22
@@ -167,7 +164,6 @@ def test_audit_command_passes_on_the_clean_run(clean_run):
 
 
 def test_each_site_reads_only_its_own_data_folder(clean_run, sites_root):
-    # Prepare
     run, grid, reads = clean_run
     root = str(sites_root.resolve())
     own = {
@@ -177,7 +173,7 @@ def test_each_site_reads_only_its_own_data_folder(clean_run, sites_root):
     under_root = [
         (node, path) for node, path in reads if path == root or path.startswith(root + os.sep)
     ]
-    # Assert: something was read, only by the site it belongs to, never by the server
+    # something was read, only by the site it belongs to, never by the server
     assert {node for node, _ in under_root} == set(own)
     strays = [
         (node, path)
@@ -205,20 +201,17 @@ def _tamper(lines: list[str], how: str, k: int) -> list[str]:
 @pytest.mark.parametrize("ledger", ["ledger.jsonl", "sites/lumify/ledger.jsonl"])
 @pytest.mark.parametrize("how", ["edit", "delete", "reorder", "insert"])
 def test_a_changed_ledger_line_fails_the_audit_naming_the_line(clean_run, tmp_path, how, ledger):
-    # Prepare
     run = _copy(clean_run[0], tmp_path)
     path = run / ledger
     lines = _tamper(path.read_text().splitlines(), how, 4)
     path.write_text("\n".join(lines) + "\n")
-    # Execute
     result = _audit_cli(str(run))
-    # Assert
     assert result.exit_code == audit.EXIT_CHAIN, result.output
     assert f"{path}:4:" in result.output and "CHAIN BROKEN" in result.output
 
 
 def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
-    # Prepare: a site rewrites its ledger to claim other weights, re-chaining every line
+    # a site rewrites its ledger to claim other weights, re-chaining every line
     run = _copy(clean_run[0], tmp_path)
     path = run / "sites" / "telemed" / "ledger.jsonl"
     entries = [json.loads(line) for line in path.read_text().splitlines()]
@@ -229,9 +222,8 @@ def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
             for a in rec.get("arrays", []):
                 a["sha256"] = "0" * 64
         forged.append({k: v for k, v in e.items() if k not in ("seq", "prev", "hash")})
-    # Execute
     result = _audit_cli(str(run))
-    # Assert: the chain is intact, but the server's ledger tells another story
+    # the chain is intact, but the server's ledger tells another story
     assert result.exit_code == audit.EXIT_MISMATCH, result.output
     assert "differs between server and site" in result.output
 
@@ -293,7 +285,7 @@ SMUGGLERS = {
 def test_a_smuggled_frame_is_refused_on_the_site(
     tmp_path, sites_root, flower_identity, monkeypatch, how
 ):
-    # Prepare: the target's pretraining handler result carries a frame
+    # the target's pretraining handler result carries a frame
     import common.stages
 
     monkeypatch.setattr(common.stages, "pretrain", _honest_pretrain)
@@ -301,10 +293,9 @@ def test_a_smuggled_frame_is_refused_on_the_site(
     smuggle(monkeypatch)
     run = tmp_path / "run"
     grid = _grid(_experiment(tmp_path, "smuggle"), run, sites_root)
-    # Execute
     with pytest.raises(WorkflowError) as err:
         run_server(server_app, grid)
-    # Assert: the run ends naming site, phase and violation; nothing of the reply was uploaded
+    # the run ends naming site, phase and violation; nothing of the reply was uploaded
     msg = str(err.value)
     assert "site 'telemed'" in msg and "phase 'pretrain'" in msg and reason in msg, msg
     pre = [s for s in grid.log if s.message_type == contract.TRAIN_PRETRAIN]
@@ -323,7 +314,7 @@ def test_a_smuggled_frame_is_refused_on_the_site(
 def test_a_frame_as_a_score_list_is_refused(
     clean_run, tmp_path, sites_root, flower_identity, monkeypatch
 ):
-    # Prepare: resume the clean run (pretrain/finetune done); evaluation adds a 4096-long "score"
+    # resume the clean run (pretrain/finetune done); evaluation adds a 4096-long "score"
     import common.stages
 
     run = tmp_path / "run"
@@ -340,19 +331,18 @@ def test_a_frame_as_a_score_list_is_refused(
 
     monkeypatch.setattr(common.stages, "evaluate", leaky)
     grid = _grid(run / "config.yaml", run, sites_root)
-    # Execute
     with pytest.raises(WorkflowError) as err:
         run_server(server_app, grid)
-    # Assert
     msg = str(err.value)
     assert "phase 'evaluate'" in msg and "'frame/dice'" in msg and "list of 4096 numbers" in msg, (
         msg
     )
-    assert all(s.records_in == () for s in grid.log if s.message_type == contract.EVALUATE_SEGMENT)
+    evaluate = [s for s in grid.log if s.message_type == contract.EVALUATE_SEGMENT]
+    assert evaluate and all(s.records_in == () for s in evaluate)
 
 
 def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, flower_identity):
-    # Prepare: a site whose app has no guard (the reply is changed after the ClientApp ran)
+    # a site whose app has no guard (the reply is changed after the ClientApp ran)
     run = tmp_path / "run"
     grid = _grid(_experiment(tmp_path, "guardless"), run, sites_root)
     handle = grid._handle
@@ -363,69 +353,123 @@ def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, fl
         return reply
 
     grid._handle = modified_app
-    # Execute
     with pytest.raises(
         WorkflowError, match=r"phase 'discover'.*refused reply.*'frames' is not allowed"
     ):
         run_server(server_app, grid)
-    # Assert: the server logged what it received and refused; the audit calls it a violation
+    # the server logged what it received and refused; the audit calls it a violation
     result = _audit_cli(str(run))
     assert result.exit_code == audit.EXIT_CONTRACT, result.output
     assert "the server received a reply outside the contract" in result.output
 
 
 # ------------------------------------------------------------------ the check itself
-def test_check_refuses_payloads_metrics_and_cards_that_could_carry_a_frame():
+def _reply(**records) -> list[dict]:
+    """A described reply from a site that evaluated or trained on 3 images, plus ``records``."""
+    return describe(
+        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3}), **records})
+    )
+
+
+def _metrics_reply(metrics: dict) -> list[dict]:
+    return describe(
+        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3, **metrics})})
+    )
+
+
+SCORES_OF_3 = MetricRecord({"a/dice": [0.5, 0.6, 0.7]})
+
+
+def test_check_passes_honest_replies_and_refuses_payloads_that_could_carry_a_frame():
     cfg = load_experiment("configs/tiny.yaml")
     encoder = schema.model_schema(cfg, contract.ENCODER)
     name, (shape, dtype) = next(iter(encoder.items()))
     honest = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in encoder.items()}
-
-    def reply(**records) -> list[dict]:
-        return describe(RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3}), **records}))
-
-    # honest weights pass
-    contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=ArrayRecord(honest)), cfg)
+    contract.check(
+        "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=ArrayRecord(honest)), cfg
+    )
+    contract.check(
+        "reply", contract.EVALUATE_SEGMENT, contract.SOURCE, _reply(scores=SCORES_OF_3), cfg
+    )
     # declared shape/dtype say "parameter", the .npy payload is a frame
     forged = ArrayRecord(honest)
     big = Array.from_numpy_ndarray(np.random.rand(64, 64).astype(np.float32))
     forged[name] = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=big.data)
     with pytest.raises(contract.ContractViolation, match=f"array '{name}'.*payload"):
-        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=forged), cfg)
-    # a missing parameter
+        contract.check(
+            "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=forged), cfg
+        )
     with pytest.raises(contract.ContractViolation, match="lacks 1 parameter"):
         partial = ArrayRecord({k: v for k, v in honest.items() if k != name})
-        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, reply(encoder=partial), cfg)
-    # score vectors: bounded by the evaluated images; lists only in score records
-    ok = reply(scores=MetricRecord({"a/dice": [0.5, 0.6, 0.7]}))
-    contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, ok, cfg)
-    with pytest.raises(contract.ContractViolation, match="list of 4 numbers, more than the 3"):
         contract.check(
-            "reply", contract.EVALUATE_SEGMENT, contract.SOURCE, reply(scores=MetricRecord({"a": [0.1] * 4})), cfg
+            "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=partial), cfg
         )
-    with pytest.raises(contract.ContractViolation, match="more than the 2"):
-        contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, ok, cfg, max_list=2)
+
+
+# (message type, site role, described reply, max_list, what the refusal says)
+REFUSED_REPLIES = {
+    # score vectors are bounded by the evaluated images, and by the server's own count
+    "scores-over-images": (
+        contract.EVALUATE_SEGMENT,
+        contract.SOURCE,
+        _reply(scores=MetricRecord({"a": [0.1] * 4})),
+        None,
+        "list of 4 numbers, more than the 3",
+    ),
+    "scores-over-max-list": (
+        contract.EVALUATE_SEGMENT,
+        contract.SOURCE,
+        _reply(scores=SCORES_OF_3),
+        2,
+        "more than the 2",
+    ),
     # per-patient means (a study's per-patient test) obey the same bound
-    pat = {"patient-scores": MetricRecord({"a/dice": [0.5] * 4})}
-    with pytest.raises(contract.ContractViolation, match="'patient-scores' is a list of 4"):
-        contract.check("reply", contract.EVALUATE_SEGMENT, contract.TARGET, reply(**pat), cfg)
-    many = describe(
-        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3, "px": [0.0, 1.0]})})
-    )
-    with pytest.raises(contract.ContractViolation, match="only score vectors"):
-        contract.check("reply", contract.EVALUATE_SEGMENT, contract.SOURCE, many, cfg)
+    "patient-scores-over-images": (
+        contract.EVALUATE_SEGMENT,
+        contract.TARGET,
+        _reply(**{"patient-scores": MetricRecord({"a/dice": [0.5] * 4})}),
+        None,
+        "'patient-scores' is a list of 4",
+    ),
+    # lists only in score records
+    "list-in-metrics": (
+        contract.EVALUATE_SEGMENT,
+        contract.SOURCE,
+        _metrics_reply({"px": [0.0, 1.0]}),
+        None,
+        "only score vectors",
+    ),
     # a frame spelled out in metric names
-    named = describe(
-        RecordDict({contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 3, "f" * 4096: 1.0})})
-    )
-    with pytest.raises(contract.ContractViolation, match="4096 characters"):
-        contract.check("reply", contract.TRAIN_PRETRAIN, contract.TARGET, named, cfg)
-    # a site card carrying bytes
-    card = describe(
-        RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
-    )
-    with pytest.raises(contract.ContractViolation, match="'blob' is not a short scalar"):
-        contract.check("reply", contract.QUERY_SITE, contract.TARGET, card, None)
+    "frame-as-metric-name": (
+        contract.TRAIN_PRETRAIN,
+        contract.TARGET,
+        _metrics_reply({"f" * 4096: 1.0}),
+        None,
+        "4096 characters",
+    ),
+    "bytes-in-site-card": (
+        contract.QUERY_SITE,
+        contract.TARGET,
+        describe(
+            RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
+        ),
+        None,
+        "'blob' is not a short scalar",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("message_type", "role", "records", "max_list", "match"),
+    list(REFUSED_REPLIES.values()),
+    ids=list(REFUSED_REPLIES),
+)
+def test_check_refuses_metrics_and_cards_that_could_carry_a_frame(
+    message_type, role, records, max_list, match
+):
+    cfg = load_experiment("configs/tiny.yaml")
+    with pytest.raises(contract.ContractViolation, match=match):
+        contract.check("reply", message_type, role, records, cfg, max_list=max_list)
 
 
 def test_ledger_chains_each_entry_to_the_previous_one(tmp_path):

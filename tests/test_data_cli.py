@@ -10,10 +10,8 @@ from crossprobe.data import data_app
 
 
 def test_synth_validate_export(tmp_path: Path):
-    # Prepare
     r = CliRunner()
     out = tmp_path / "site"
-    # Execute
     a = r.invoke(
         data_app,
         [
@@ -36,20 +34,16 @@ def test_synth_validate_export(tmp_path: Path):
     )
     b = r.invoke(data_app, ["validate", str(out)])
     c = r.invoke(data_app, ["export", str(out), "--out", str(tmp_path / "authors")])
-    # Assert
     assert a.exit_code == 0, a.output
     assert b.exit_code == 0 and "role=target" in b.output
     assert c.exit_code == 0 and (tmp_path / "authors" / "Images").is_dir()
 
 
 def test_validate_fails_with_the_data_error(tmp_path: Path):
-    # Prepare
     from tests.test_data_manifest import make_site
 
     root = make_site(tmp_path)
     (root / "frames/p2/v1/00000.png").unlink()
-    # Execute
     res = CliRunner().invoke(data_app, ["validate", str(root)])
-    # Assert
     assert res.exit_code == 1
     assert "missing file" in res.output and "00000.png" in res.output

@@ -52,11 +52,9 @@ def _write_nifti(path: Path, vol_thw: np.ndarray) -> None:
 
 
 def test_dicom_cine_is_cropped_to_the_clipped_region():
-    # Prepare
     path = _dicom_fixture()
-    # Execute
     cine = read_dicom_cine(path)
-    # Assert: region (84, 31)–(595, 414) exceeds the 320×240 image and is clipped to it
+    # region (84, 31)–(595, 414) exceeds the 320×240 image and is clipped to it
     assert cine.frames.shape == (30, 240 - 31, 320 - 84) and cine.frames.dtype == np.uint8
     assert cine.crop == (31, 240, 84, 320)
     assert cine.spacing_mm[0] == pytest.approx(0.5105, abs=1e-3)
@@ -64,18 +62,14 @@ def test_dicom_cine_is_cropped_to_the_clipped_region():
 
 
 def test_ingest_dicom_gives_a_valid_site(tmp_path: Path):
-    # Prepare
     path = _dicom_fixture()
-    # Execute
     out = ingest([path], tmp_path / "site", "dcm", "target", device="unknown", split="test")
     s = load_site(out, check="full")
-    # Assert
     assert len(s.rows) == 30 and not s.select(labeled=True)
     assert s.rows[0].patient_id and s.rows[0].split == "test" and s.rows[0].spacing_x_mm > 0
 
 
 def test_mp4_with_nifti_labels(tmp_path: Path):
-    # Prepare
     rng = np.random.default_rng(0)
     frames = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, None, :], 48, 1)
     frames = np.repeat(frames, 6, 0) + rng.integers(0, 3, (6, 48, 64), dtype=np.uint8)
@@ -86,11 +80,9 @@ def test_mp4_with_nifti_labels(tmp_path: Path):
     labels[2, 30:, 10:50] = 1
     labels[4, 25:, :] = 2
     _write_nifti(tmp_path / "in" / "pat7" / "sweep1.nii.gz", labels)
-    # Execute
     cine = read_video(video)
     out = ingest([video], tmp_path / "site", "mp4", "source", split="train")
     s = load_site(out, check="full")
-    # Assert
     assert cine.frames.shape == (6, 48, 64)
     assert np.abs(cine.frames.astype(int) - frames.astype(int)).mean() < 8  # lossy codec
     assert [r.frame_index for r in s.select(labeled=True)] == [2, 4]
@@ -100,41 +92,34 @@ def test_mp4_with_nifti_labels(tmp_path: Path):
 
 
 def test_nifti_shape_mismatch_is_refused(tmp_path: Path):
-    # Prepare
     _write_nifti(tmp_path / "l.nii.gz", np.zeros((5, 48, 64), np.uint8))
-    # Execute / Assert
     with pytest.raises(
         DataError,
-        match=r"l.nii.gz: label volume shape .* \(5, 48, 64\) does not match the video \(6, 48, 64\)",
+        match=r"l.nii.gz: label volume shape .* \(5, 48, 64\) "
+        r"does not match the video \(6, 48, 64\)",
     ):
         read_nifti_labels(tmp_path / "l.nii.gz", (6, 48, 64))
 
 
 def test_png_folder_with_masks(tmp_path: Path):
-    # Prepare
     d = tmp_path / "p3" / "clip"
     (d / "images").mkdir(parents=True)
     (d / "masks").mkdir()
     for t in (1, 2, 10):  # natural order: 1, 2, 10
         Image.fromarray(np.full((20, 24), t, np.uint8)).save(d / "images" / f"f{t}.png")
     Image.fromarray(np.ones((20, 24), np.uint8)).save(d / "masks" / "f10.png")
-    # Execute
     s = load_site(ingest([d], tmp_path / "site", "png", "source", split="val"), check="full")
-    # Assert
     assert [r.frame_index for r in s.rows] == [0, 1, 2]
     assert np.asarray(Image.open(s.path(s.rows[2].image_path)))[0, 0] == 10
     assert [r.labeled for r in s.rows] == [False, False, True]
 
 
 def test_authors_layout_round_trip(tmp_path: Path):
-    # Prepare
     site = load_site(
         make_site(tmp_path / "orig", videos=(("p1", "v1", "train"), ("p2", "v3", "val")))
     )
-    # Execute
     exp = export_authors(site, tmp_path / "authors")
     back = load_site(import_authors(exp, tmp_path / "back", "hand", "source"), check="full")
-    # Assert
     assert sorted(p.name for p in exp.glob("*.csv")) == [
         "train.csv",
         "train_labeled.csv",

@@ -71,11 +71,8 @@ def _edit_manifest(root: Path, fn) -> None:
 
 
 def test_manifest_columns_are_exactly_the_documented_ones(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
-    # Execute
     header = (root / "manifest.csv").read_text().splitlines()[0].split(",")
-    # Assert
     assert (
         tuple(header)
         == COLUMNS
@@ -99,14 +96,11 @@ def test_manifest_columns_are_exactly_the_documented_ones(tmp_path: Path):
 
 
 def test_site_card_counts_and_video_index(tmp_path: Path):
-    # Prepare
     root = make_site(
         tmp_path, videos=(("p1", "v1", "train"), ("p1", "v2", "train"), ("p2", "v1", "test"))
     )
-    # Execute
     s = load_site(root, check="full")
     card = s.card()
-    # Assert
     assert card["counts"]["train"] == {"patients": 1, "videos": 2, "frames": 6, "labeled": 6}
     assert card["counts"]["test"] == {"patients": 1, "videos": 1, "frames": 3, "labeled": 3}
     assert card["counts"]["val"]["frames"] == 0
@@ -116,16 +110,13 @@ def test_site_card_counts_and_video_index(tmp_path: Path):
 
 
 def test_missing_dataset_yaml(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     (root / "dataset.yaml").unlink()
-    # Execute / Assert
     with pytest.raises(DataError, match="dataset.yaml: missing"):
         load_site(root)
 
 
 def test_missing_column_is_named(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     _edit_manifest(
         root,
@@ -134,16 +125,13 @@ def test_missing_column_is_named(tmp_path: Path):
             [c for c in h if c != "split"],
         ),
     )
-    # Execute / Assert
     with pytest.raises(DataError, match=r"manifest.csv: missing column\(s\) \['split'\]"):
         load_site(root)
 
 
 def test_missing_image_file_names_file_and_row(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     (root / "frames/p1/v1/00001.png").unlink()
-    # Execute / Assert
     with pytest.raises(
         DataError, match=r"manifest.csv row 3: missing file .*frames/p1/v1/00001.png"
     ):
@@ -151,10 +139,8 @@ def test_missing_image_file_names_file_and_row(tmp_path: Path):
 
 
 def test_corrupt_png_names_file_and_row(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     (root / "masks/p2/v1/00002.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    # Execute / Assert
     with pytest.raises(
         DataError, match=r"row 7: unreadable or corrupt image .*masks/p2/v1/00002.png"
     ):
@@ -162,29 +148,23 @@ def test_corrupt_png_names_file_and_row(tmp_path: Path):
 
 
 def test_truncated_png_is_caught_by_full_check(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     p = root / "frames/p1/v1/00000.png"
     p.write_bytes(p.read_bytes()[:-40])
-    # Execute / Assert
     with pytest.raises(DataError, match=r"row 2: unreadable or corrupt image .*00000.png"):
         load_site(root, check="full")
 
 
 def test_mask_size_mismatch(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks/p1/v1/00002.png")
-    # Execute / Assert
     with pytest.raises(DataError, match=r"row 4: mask size \(10, 10\) != image size \(30, 20\)"):
         load_site(root)
 
 
 def test_duplicate_frame_key(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     _edit_manifest(root, lambda rows, h: (rows + [rows[0]], h))
-    # Execute / Assert
     with pytest.raises(
         DataError,
         match=r"row 8: duplicate \(patient, video, frame\) \('p1', 'v1', 0\) \(first at row 2\)",
@@ -193,7 +173,6 @@ def test_duplicate_frame_key(tmp_path: Path):
 
 
 def test_unknown_split(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     _edit_manifest(
         root,
@@ -202,29 +181,23 @@ def test_unknown_split(tmp_path: Path):
             h,
         ),
     )
-    # Execute / Assert
     with pytest.raises(DataError, match=r"row 4: unknown split 'holdout'"):
         load_site(root)
 
 
 def test_labeled_row_without_mask(tmp_path: Path):
-    # Prepare
     root = make_site(tmp_path)
     _edit_manifest(
         root,
         lambda rows, h: ([{**r, "mask_path": ""} if i == 1 else r for i, r in enumerate(rows)], h),
     )
-    # Execute / Assert
     with pytest.raises(DataError, match=r"row 3: labeled row without a mask_path"):
         load_site(root)
 
 
 def test_patient_split_is_deterministic_and_complete():
-    # Prepare
     pats = [f"p{i:03d}" for i in range(50)]
-    # Execute
     a, b, c = split_patients(pats, 7), split_patients(pats, 7), split_patients(pats, 8)
-    # Assert
     assert a == b and a != c
     n = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
     assert n == {"train": 34, "val": 8, "test": 8}

@@ -1,4 +1,4 @@
-"""Real deployment (issue 6): certificates, preflight, the compose files, and the compose topology run
+"""Real deployment: certificates, preflight, the compose files, and the compose topology run
 as real processes on 127.0.0.1 (CI has no Docker engine)."""
 
 from __future__ import annotations
@@ -41,24 +41,17 @@ def _compose(path: str) -> dict:
 
 @pytest.mark.parametrize("path", list(COMPOSE_FILES))
 def test_compose_file_is_the_generated_one(path):
-    # Prepare / Execute: what `crossprobe compose --write` would write
     expected = render_compose(path)
-    # Assert: the committed file and the command lines in deploy/argv.py agree
-    assert (ROOT / path).read_text() == expected, (
-        f"{path} is stale: run crossprobe compose --write"
-    )
+    # the committed file and the command lines in deploy/argv.py agree
+    assert (ROOT / path).read_text() == expected, f"{path} is stale: run crossprobe compose --write"
 
 
 def test_demo_compose_commands_come_from_the_one_place():
-    # Prepare
     services = _compose("docker-compose.yml")["services"]
-    # Assert
     assert services["superlink"]["command"] == superlink_argv(
         "/certs", "0.0.0.0", 9093, "/state/state.db"
     )
-    assert services["serverapp"]["command"] == serverapp_executor_argv(
-        "/certs", "superlink:9093"
-    )
+    assert services["serverapp"]["command"] == serverapp_executor_argv("/certs", "superlink:9093")
     for site, role in SITES.items():
         nc = node_config(site, role, f"/data/{site}", "/outputs")
         assert services[f"supernode-{site}"]["command"] == supernode_argv(
@@ -70,13 +63,11 @@ def test_demo_compose_commands_come_from_the_one_place():
 
 
 def test_each_site_data_volume_is_mounted_read_only_in_that_site_only():
-    # Prepare
     services = _compose("docker-compose.yml")["services"]
-    # Execute: who mounts data-<site> (the init service writes it once, before anything starts)
+    # who mounts data-<site> (the init service writes it once, before anything starts)
     mounts = {
         (name, v.split(":")[0]): v for name, svc in services.items() for v in svc.get("volumes", [])
     }
-    # Assert
     for site in SITES:
         users = {name for (name, vol) in mounts if vol == f"data-{site}"} - {"init"}
         assert users == {f"clientapp-{site}"}, f"data-{site} mounted in {users}"
@@ -88,10 +79,8 @@ def test_each_site_data_volume_is_mounted_read_only_in_that_site_only():
 
 @pytest.mark.parametrize("path", list(COMPOSE_FILES))
 def test_every_flower_service_uses_tls_and_nothing_is_insecure(path):
-    # Prepare
     spec = _compose(path)
     text = (ROOT / path).read_text()
-    # Assert
     assert "--insecure" not in text and "insecure" not in text.lower()
     flower = {
         n: s["command"]
@@ -128,7 +117,6 @@ def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    # Execute
     res = CliRunner().invoke(
         crossprobe_cli,
         [
@@ -143,7 +131,6 @@ def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
             "fl.example.org",
         ],
     )
-    # Assert
     assert res.exit_code == 0, res.output
     sl, site = tmp_path / "superlink", tmp_path / "sites" / "lumify"
     cert = x509.load_pem_x509_certificate((sl / "server.crt").read_bytes())
@@ -176,14 +163,11 @@ def test_certs_creates_ca_server_cert_with_sans_and_p384_openssh_keys(tmp_path):
 
 
 def test_certs_rerun_keeps_existing_files_and_adds_a_site(tmp_path):
-    # Prepare
     make_certs(tmp_path, ["lumify"])
     before = (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes()
-    # Execute
     written = make_certs(tmp_path, ["lumify", "newsite"])
-    # Assert
     assert (tmp_path / "sites" / "lumify" / "supernode.key").read_bytes() == before
-    assert all("newsite" in str(p) for p in written)
+    assert written and all("newsite" in str(p) for p in written)
     assert (
         CliRunner()
         .invoke(crossprobe_cli, ["certs", "--out", str(tmp_path), "--site", "Bad Name"])
@@ -276,14 +260,12 @@ def _home_is_a_file(tmp: Path, data: Path) -> tuple[list[str], str]:
 def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
     tmp_path, site_data, breaker, code
 ):
-    # Prepare: a ready site, then break one thing
+    # a ready site, then break one thing
     make_certs(tmp_path / "certs", ["lumify", "telemed"])
     args, culprit = breaker(tmp_path, site_data)
     if "--flwr-home" not in args:
         args += ["--flwr-home", str(tmp_path / "home")]
-    # Execute
     res = _preflight(*args)
-    # Assert
     assert res.exit_code == code, res.output
     assert culprit in res.output
     with contextlib.suppress(AttributeError):
@@ -358,13 +340,10 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tmp_path):
-    # Prepare: certificates (plus a key nobody registers), each site's data in its own folder
+    # certificates (plus a key nobody registers), each site's data in its own folder
     certs = tmp_path / "certs"
     make_certs(certs, [*SITES, "rogue"])
-    data = {
-        p.parent.name: p
-        for p in demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")
-    }
+    data = {p.parent.name: p for p in demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")}
     port = _free_port()
     superlink = f"127.0.0.1:{port}"
     sl_certs = str(certs / "superlink")
@@ -382,12 +361,8 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     for site, role in SITES.items():
         rport, sc = _free_port(), str(certs / "sites" / site)
         nc = node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site))
-        topology.start(
-            f"supernode-{site}", supernode_argv(sc, superlink, "127.0.0.1", rport, nc)
-        )
-        topology.start(
-            f"clientapp-{site}", clientapp_executor_argv(sc, f"127.0.0.1:{rport}")
-        )
+        topology.start(f"supernode-{site}", supernode_argv(sc, superlink, "127.0.0.1", rport, nc))
+        topology.start(f"clientapp-{site}", clientapp_executor_argv(sc, f"127.0.0.1:{rport}"))
     for site in SITES:
         _wait_for(
             lambda s=site: "SuperNode ID" in topology.log(f"supernode-{s}"),
@@ -395,14 +370,14 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
             f"{site} did not connect",
         )
 
-    # Execute + Assert 1: a SuperNode whose key was never registered is refused
+    # a SuperNode whose key was never registered is refused
     rogue = topology.run("rogue", supernode_argv(
         str(certs / "sites" / "rogue"), superlink, "127.0.0.1", _free_port(),
         node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue")), max_retries=1,
     ))  # fmt: skip
     assert rogue.returncode != 0 and "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
     assert "No SuperNode found with the given public key" in topology.log("superlink")
-    # Execute + Assert 2: a plaintext client cannot talk to the TLS SuperLink
+    # a plaintext client cannot talk to the TLS SuperLink
     plain = topology.run("plain", ["flower-supernode", "--insecure", "--superlink", superlink,
                                    "--isolation", "process", "--port", str(_free_port()),
                                    "--max-retries", "1", "--max-wait-time", "10"])  # fmt: skip
@@ -410,15 +385,15 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
         plain.returncode != 0 and "could not establish a connection" in plain.stdout + plain.stderr
     )
 
-    # Execute 3: the tiny study through flwr run, status from flwr ls (keys already registered)
+    # the tiny study through flwr run, status from flwr ls (keys already registered)
     t0 = time.monotonic()
     entry = launch(
         superlink, certs / "superlink" / "ca.crt", keys,
-        f'run-dir="{tmp_path / "results"}" node-wait=60 experiment="{ROOT / "configs" / "tiny.yaml"}"',
+        f'run-dir="{tmp_path / "results"}" node-wait=60 '
+        f'experiment="{ROOT / "configs" / "tiny.yaml"}"',
         cli_env, timeout=540, say=lambda s: print(s, flush=True),
     )  # fmt: skip
     print(f"deployment run: {time.monotonic() - t0:.0f} s")
-    # Assert 3
     assert entry["status"] == "finished:completed", (entry, topology.log("serverapp")[-3000:])
     assert (tmp_path / "results" / "report.md").is_file()
     assert (tmp_path / "outputs" / "telemed").is_dir()  # site-local artifacts stayed at the site

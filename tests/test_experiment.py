@@ -1,4 +1,4 @@
-"""`crossprobe experiment`: seeds through the federated workflow, then the study tables (issue 7)."""
+"""`crossprobe experiment`: seeds through the federated workflow, then the study tables."""
 
 from __future__ import annotations
 
@@ -30,13 +30,11 @@ def in_process_runner(calls: list):
 
 
 def test_smoke_study_runs_every_seed_and_writes_the_tables(tmp_path, flower_identity):
-    # Prepare
     calls: list = []
-    # Execute
     out = run_experiment(
         "smoke", run_root=tmp_path, runner=in_process_runner(calls), log=lambda s: None
     )
-    # Assert: seed 0 ran the variants, seed 1 only the every-seed baseline
+    # seed 0 ran the variants, seed 1 only the every-seed baseline
     assert calls == [(0, ["lower-aug", "tau0.1", "simmim-b"]), (1, ["lower-aug"])]
     study = json.loads((out / "study.json").read_text())
     md = (out / "study.md").read_text()
@@ -94,6 +92,8 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
         run_experiment("smoke", run_root=tmp_path, report_only=True, log=lambda s: None)
 
 
-def test_experiment_configs_load():
-    for path in Path("configs/experiments").glob("*.yaml"):
+def test_experiment_configs_are_the_known_ones_and_load():
+    paths = sorted(Path("configs/experiments").glob("*.yaml"))
+    assert {p.stem for p in paths} == {"smoke", "tables"}
+    for path in paths:
         load_experiment(path)

@@ -17,15 +17,14 @@ from tests.fl_harness import wire
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "paper"])
 def test_experiment_round_trips_as_flat_config(name):
-    # Prepare
     cfg = load_experiment(f"configs/{name}.yaml")
-    # Execute
     back = messages.unflatten_experiment(messages.flatten_experiment(cfg))
-    # Assert: everything but the federation's site list reaches the site unchanged
+    # everything but the federation's site list reaches the site unchanged
     assert back == cfg.model_copy(update={"sites": ()})
 
 
 def test_every_reply_table_entry_names_known_records():
+    assert contract.ALLOWED_REPLY_RECORDS
     for (mtype, role), names in contract.ALLOWED_REPLY_RECORDS.items():
         assert mtype in contract.MESSAGE_TYPES and role in contract.ROLES
         assert names <= set(contract.RECORD_TYPES)

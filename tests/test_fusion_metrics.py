@@ -21,13 +21,11 @@ def test_confidences_by_hand():
 
 
 def test_fuse_hand_case_margin():
-    # Prepare: one image, two pixels. Pixel 0: g unsure, c sure -> follows c. Pixel 1: the reverse.
+    # one image, two pixels. Pixel 0: g unsure, c sure -> follows c. Pixel 1: the reverse.
     p_g = torch.tensor([[0.5, 1.0]]).view(1, 1, 1, 2)
     p_c = torch.tensor([[0.0, 0.5]]).view(1, 1, 1, 2)
     # margins: g = [0, 1] -> minmax [0, 1]; c = [1, 0] -> [1, 0]
-    # Execute
     fused, w = fuse(p_g, p_c, "margin", eps=1e-6)
-    # Assert
     assert fused.flatten().tolist() == pytest.approx([0.0, 1.0], abs=1e-5)
     assert w.flatten().tolist() == pytest.approx([0.0, 1.0], abs=1e-5)
 
@@ -40,12 +38,11 @@ def test_mean_mode_is_the_average():
 
 
 def test_modes_differ_where_they_should():
-    # Prepare: confidences that order differently under entropy and margin after min-max scaling
+    # confidences that order differently under entropy and margin after min-max scaling
     p_g = torch.tensor([0.6, 0.95, 0.5, 0.8]).view(1, 1, 2, 2)
     p_c = torch.tensor([0.1, 0.7, 0.99, 0.4]).view(1, 1, 2, 2)
-    # Execute
     out = {m: fuse(p_g, p_c, m)[0] for m in ("entropy", "margin", "mean")}
-    # Assert: all three differ pairwise, and the fusion always lies between the two branches
+    # all three differ pairwise, and the fusion always lies between the two branches
     assert not torch.allclose(out["entropy"], out["margin"])
     assert not torch.allclose(out["entropy"], out["mean"])
     assert not torch.allclose(out["margin"], out["mean"])
@@ -71,12 +68,10 @@ def test_fuse_refuses_bad_input():
 
 
 def test_dice_iou_tiny_tables():
-    # Prepare: image 0: |P|=2,|G|=2,|P∩G|=1; image 1: empty vs empty; image 2: P empty, G 3 pixels
+    # image 0: |P|=2,|G|=2,|P∩G|=1; image 1: empty vs empty; image 2: P empty, G 3 pixels
     pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     gt = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
-    # Execute
     d, i = dice_iou(pred, gt)
-    # Assert
     assert d.tolist() == pytest.approx([(2 * 1 + 1) / (2 + 2 + 1), 1.0, 1 / 4])
     assert i.tolist() == pytest.approx([(1 + 1) / (3 + 1), 1.0, 1 / 4])
 

@@ -28,13 +28,11 @@ def tiny():
 
 @pytest.mark.slow
 def test_paper_config_size_and_output_shape():
-    # Prepare
     cfg = load_experiment("configs/paper.yaml").model
     model = build_transunet(cfg).eval()
-    # Execute
     with torch.inference_mode():
         out = model(torch.rand(1, 3, 224, 224))
-    # Assert: within 0.05 % of the official TransUNet; logits of shape (B, 1, 224, 224)
+    # within 0.05 % of the official TransUNet; logits of shape (B, 1, 224, 224)
     assert abs(count_parameters(model) / OFFICIAL_TRANSUNET_PARAMS - 1) < 5e-4
     assert out.shape == (1, 1, 224, 224)
 
@@ -91,16 +89,14 @@ def test_encoder_handoff_excludes_decoder_and_heads(tiny):
 
 
 def test_load_encoder_loads_encoder_only(tiny):
-    # Prepare: a pretrained contrastive encoder and a fresh segmentation model
     torch.manual_seed(0)
     src = ContrastiveModel(tiny)
     torch.manual_seed(1)
     dst = build_transunet(tiny)
     decoder_before = {k: v.clone() for k, v in dst.decoder.state_dict().items()}
     head_before = dst.head.weight.clone()
-    # Execute
     load_encoder(dst, encoder_state_dict(src))
-    # Assert: encoder equal to the source, decoder and head untouched
+    # encoder equal to the source, decoder and head untouched
     for k, v in encoder_state_dict(src).items():
         assert torch.equal(dst.encoder.vit.state_dict()[k], v), k
     for k, v in dst.decoder.state_dict().items():
@@ -169,7 +165,7 @@ def _timm_style_state(cfg: ModelConfig, img_size: int) -> dict:
 
 @pytest.mark.parametrize("fmt", [".pth", ".safetensors"])
 def test_backbone_checkpoint_from_local_file(tmp_path, tiny, fmt):
-    # Prepare: a timm-format checkpoint at another resolution (pos_embed must be resampled)
+    # a timm-format checkpoint at another resolution (pos_embed must be resampled)
     state = _timm_style_state(tiny, img_size=tiny.img_size * 2)
     path = tmp_path / f"r50_vit{fmt}"
     if fmt == ".pth":
@@ -178,9 +174,8 @@ def test_backbone_checkpoint_from_local_file(tmp_path, tiny, fmt):
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    # Execute
     model = build_transunet(tiny.model_copy(update={"checkpoint": str(path)}))
-    # Assert: ResNet and blocks loaded exactly; class token slot dropped; grid resampled
+    # ResNet and blocks loaded exactly; class token slot dropped; grid resampled
     sd = model.encoder.vit.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
     assert torch.equal(
@@ -251,15 +246,15 @@ def _export_google_npz(state: dict, cfg: ModelConfig, path) -> None:
 
 
 def test_backbone_checkpoint_from_google_npz(tmp_path, tiny):
-    # Prepare: a Google-format .npz written from a known state (with class token)
+    # a Google-format .npz written from a known state (with class token)
     state = {
         k: v for k, v in _timm_style_state(tiny, tiny.img_size).items() if not k.startswith("head.")
     }
     path = tmp_path / "R50+ViT-B_16.npz"
     _export_google_npz(state, tiny, path)
-    # Execute: read through timm's own npz loader
+    # read through timm's own npz loader
     loaded = load_backbone_checkpoint(path, tiny)
-    # Assert: every encoder tensor equals the original; the class-token slot is dropped
+    # every encoder tensor equals the original; the class-token slot is dropped
     model = build_transunet(tiny.model_copy(update={"checkpoint": str(path)}))
     for k, v in model.encoder.vit.state_dict().items():
         ref = state[k][:, 1:] if k == "pos_embed" else state[k]

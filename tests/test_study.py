@@ -96,7 +96,7 @@ def test_a_large_difference_is_called_only_with_per_video_evidence():
     assert t["rows"]["lower"]["n_video"] == 12 and t["rows"]["lower"]["n_patient"] == 4
     # gap closed: (ours - lower) / (upper - lower) = 0.08 / 0.2
     assert t["gap"]["closed"] == pytest.approx(0.4, abs=1e-9)
-    assert all(x == pytest.approx(0.4, abs=1e-9) for x in t["gap"]["closed_per_seed"])
+    assert t["gap"]["closed_per_seed"] == pytest.approx([0.4] * 3, abs=1e-9)
     md = render_markdown(study)
     assert "ours better" in md and "closes **40 %**" in md
 

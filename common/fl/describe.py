@@ -52,7 +52,8 @@ def _payload_problem(arr: Array, shape: list[int], dtype: str) -> tuple[str, int
     need = int(np.prod(got_shape, dtype=np.int64)) * np.dtype(got_dtype).itemsize
     if len(arr.data) - header != need:
         return (
-            f"payload has {len(arr.data) - header} bytes, {list(got_shape)} {got_dtype} needs fewer",
+            f"payload has {len(arr.data) - header} bytes, "
+            f"{list(got_shape)} {got_dtype} needs fewer",
             header,
         )
     return "", header

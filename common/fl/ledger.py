@@ -75,7 +75,11 @@ class Ledger:
         self.path = Path(path)
 
     def append(self, entry: Mapping[str, Any]) -> dict:
-        """Append ``entry`` with ``seq``, ``prev`` and ``hash`` filled in; returns what was written."""
+        """Append ``entry`` with ``seq``, ``prev`` and ``hash`` filled in.
+
+        Returns:
+            The entry as written.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -167,7 +171,8 @@ class LedgerFile:
 
 
 def _chain_problem(entry: dict, expected_seq: int, prev: str) -> str:
-    """Why ``entry`` does not continue the chain at ``expected_seq`` after ``prev`` ("" = it does)."""
+    """Why ``entry`` does not continue the chain at ``expected_seq`` after ``prev``
+    ("" = it does)."""
     if entry.get("hash") != entry_hash(entry):
         return "the entry does not match its own hash: edited"
     seq = entry.get("seq")

@@ -1,4 +1,5 @@
-"""Models: TransUNet (R50-ViT-B/16 + CUP), its SimMIM and contrastive wrappers, the encoder hand-off."""
+"""Models: TransUNet (R50-ViT-B/16 + CUP), its SimMIM and contrastive wrappers, the encoder
+hand-off."""
 
 from common.models.heads import ContrastiveModel, ProjectionHead
 from common.models.simmim import SimMIMModel, apply_mask, simmim_mask

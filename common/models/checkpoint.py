@@ -31,7 +31,8 @@ def _read_state(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         from common.models.encoder import _build_vit
 
         plain = _build_vit(cfg)
-        # Google checkpoints carry a class token: load them into a twin that has one, with timm's loader
+        # Google checkpoints carry a class token: load them into a twin that has one, with timm's
+        # loader
         twin = VisionTransformer(
             img_size=cfg.img_size,
             patch_size=1,

@@ -1,4 +1,5 @@
-"""The TransUNet encoder: timm's R50+ViT-B/16 hybrid, exposing the ResNet skips the CUP decoder needs.
+"""The TransUNet encoder: timm's R50+ViT-B/16 hybrid, exposing the ResNet skips the CUP
+decoder needs.
 
 The paper config builds exactly timm's ``vit_base_r50_s16_224`` (state-dict keys identical to
 ``timm.create_model``'s, no class token → 196 tokens at 224²). Scaled-down configs are the same code
@@ -31,7 +32,8 @@ def _build_vit(cfg: ModelConfig, in_chans: int = 3) -> VisionTransformer:
         preact=False,
         stem_type="same",
         conv_layer=partial(StdConv2dSame, eps=1e-8),
-        # GroupNorm(32) as in TransUNet; narrower test nets use fewer groups (all widths are multiples of w)
+        # GroupNorm(32) as in TransUNet; narrower test nets use fewer groups (all widths are
+        # multiples of w)
         norm_layer=partial(GroupNormAct, num_groups=min(32, w)),
     )
     return VisionTransformer(

@@ -1,4 +1,4 @@
-"""Contrastive branch model (method.md, Branch 2): encoder + projection head."""
+"""Contrastive branch model (docs/method.md, "Branch 2: MT-NXent"): encoder + projection head."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SimMIM on TransUNet (method.md, Branch 1): mask generator and the reconstruction model."""
+"""SimMIM on TransUNet (docs/method.md, "Branch 1: SimMIM"): mask generator and the
+reconstruction model."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def apply_mask(
     """The masked input: masked pixels set to 0 (no learnable token).
 
     With ``noise_ratio`` > 0 (the authors' code, not the paper) that share of the masked units keeps
-    the image under multiplicative speckle x·(1 + 0.5·n), n ~ N(0, 1), instead of zeros; the loss still
-    covers them.
+    the image under multiplicative speckle x·(1 + 0.5·n), n ~ N(0, 1), instead of zeros; the loss
+    still covers them.
     """
     out = x * (1 - mask)
     if noise_ratio > 0:

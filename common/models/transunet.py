@@ -41,7 +41,10 @@ class DecoderBlock(nn.Module):
 
 
 class CUPDecoder(nn.Module):
-    """Cascaded upsampler. Input tokens (B, N, D) + skips [1/8, 1/4, 1/2]; output (B, c_last, S, S)."""
+    """Cascaded upsampler.
+
+    Input tokens (B, N, D) + skips [1/8, 1/4, 1/2]; output (B, c_last, S, S).
+    """
 
     def __init__(self, cfg: ModelConfig, skip_channels: tuple[int, int, int]):
         super().__init__()
@@ -80,7 +83,7 @@ class TransUNet(nn.Module):
 
 
 def build_transunet(cfg: ModelConfig, num_classes: int = 1) -> TransUNet:
-    """A fresh TransUNet; if ``cfg.checkpoint`` names a local R50+ViT file, its encoder is loaded."""
+    """A new TransUNet; if ``cfg.checkpoint`` names a local R50+ViT file, its encoder is loaded."""
     model = TransUNet(cfg, num_classes)
     if cfg.checkpoint:
         from common.models.checkpoint import load_backbone_checkpoint

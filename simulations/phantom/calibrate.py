@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import arms
 from common.config import load_experiment
 
 
@@ -47,18 +48,18 @@ def probe(
         c = cfg.model_copy(update={"seed": seed})
         t0 = time.monotonic()
         lower = stages.finetune(
-            c, data["source"], root / f"s{seed}-lower", None, "lower", progress=False
+            c, data["source"], root / f"s{seed}-lower", None, arms.LOWER, progress=False
         )
         upper = stages.finetune(
-            c, data["target"], root / f"s{seed}-upper", None, "upper", progress=False
+            c, data["target"], root / f"s{seed}-upper", None, arms.UPPER, progress=False
         )
-        models = {"lower": lower.state, "upper": upper.state}
+        models = {arms.LOWER: lower.state, arms.UPPER: upper.state}
         ev = stages.evaluate(c, data["target"], root / f"s{seed}-eval", models, progress=False)
         rows.append(
             {
                 "seed": seed,
-                "lower": ev.metrics["lower/dice"],
-                "upper": ev.metrics["upper/dice"],
+                "lower": ev.metrics[f"{arms.LOWER}/dice"],
+                "upper": ev.metrics[f"{arms.UPPER}/dice"],
                 "gap": ev.metrics["upper/dice"] - ev.metrics["lower/dice"],
                 "seconds": round(time.monotonic() - t0, 1),
             }
