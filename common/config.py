@@ -13,20 +13,43 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from common import arms
+from common.errors import UserError
 
 Role = Literal["source", "target"]
 FusionMode = Literal["entropy", "margin", "mean"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-caused configuration problem; the message names the file and the key."""
 
 
+_NUMBER_TYPES = (int, float, int | None, float | None)
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every section: unknown keys refused, values frozen, numbers finite and never booleans
+    (YAML's ``true`` would otherwise pass as 1, and ``.inf`` as a learning rate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, bool) and field is not None and field.annotation in _NUMBER_TYPES:
+            raise ValueError(f"expected a number, got the boolean {v!r}")
+        return v
 
 
 class ModelConfig(_Frozen):
@@ -383,7 +406,9 @@ def _read_with_base(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
             f"{p}: 'base' chain loops: {' -> '.join(map(str, chain + (p.resolve(),)))}"
         )
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): is it a YAML file?") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -5,8 +5,10 @@ crossed — from the hash-chained ledgers the server and every site wrote (``com
     crossprobe audit --site /data/out/site-a  one site's own ledger(s), independently of the server
     crossprobe audit RUN_DIR --site DIR ...   a deployed run's server ledger against site ledgers
 
-Exit codes: 0 pass, 1 no ledger found, 3 a chain is broken (a line edited, deleted, inserted or
-reordered), 4 something outside the contract crossed, 5 site and server ledgers disagree.
+Exit codes: 0 pass, 1 no ledger found, 2 a ledger ends in a line cut short by a crash (the next
+run repairs it), 3 a chain is broken (a line edited, deleted, inserted or reordered), 4 something
+outside the contract crossed, 5 site and server ledgers disagree. A message the server sent that a
+crashed site never logged nor answered is reported as an incomplete exchange, not a failure.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def audit_command(
                     "chain": report.chain,
                     "contract": report.contract,
                     "mismatch": report.mismatch,
+                    "torn": report.torn,
+                    "incomplete": report.incomplete,
                     "notes": report.notes,
                     "bytes": [
                         {"party": a, "phase": b, "direction": c, "bytes": n}

@@ -133,15 +133,26 @@ def _root() -> None:
     """crossprobe: cross-probe ultrasound bone segmentation, federated across isolated sites."""
 
 
+# Exit codes of every command (audit and preflight add their own, documented with them).
+EXIT_FAILED = 1  # the run (or check) ran and failed
+EXIT_BAD_INPUT = 2  # a config, data folder, argument or run folder that cannot be used
+
+
 def main() -> None:
-    """The console script: run the app; a configuration error is one line and exit code 2."""
-    from common.config import ConfigError
+    """The console script. A bad config, data folder or busy run folder is one line naming the
+    file, key or holder (exit 2); a stop by SIGINT/SIGTERM/SIGHUP exits 128 + the signal after
+    everything the command started has been stopped."""
+    from common.errors import UserError
+    from common.signals import Stopped
 
     try:
         app()
-    except ConfigError as err:
+    except UserError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except Stopped as stop:
+        typer.echo(f"stopped by {stop}: what the command started was stopped", err=True)
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

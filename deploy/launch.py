@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from common.signals import Stopped, stop_signals_raise
 from deploy.argv import CONNECTION, FLOWER_ENV, connection_toml
 from deploy.preflight import check_tls, split_address
 
@@ -105,6 +106,16 @@ def launch(
         raise LaunchError(f"flwr run: {ans.get('error-message', ans)}")
     run_id = int(ans["run-id"])
     say(f"[launch] run {run_id} started (FAB {ans.get('fab-hash')})")
+    try:
+        entry = _wait_for_end(run_id, env, timeout, poll, say)
+    except (Stopped, TimeoutError):
+        _stop_run(run_id, env, say)
+        raise
+    return {**entry, "run-id": run_id, "fab-hash": ans.get("fab-hash")}
+
+
+def _wait_for_end(run_id: int, env: dict[str, str], timeout: float, poll: float, say) -> dict:
+    """Poll ``flwr ls`` until the run has finished; its entry."""
     t0, status = time.monotonic(), ""
     while True:
         runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env).get("runs") or [{}]
@@ -113,10 +124,20 @@ def launch(
             status = str(entry.get("status"))
             say(f"[launch] run {run_id}: {status} ({time.monotonic() - t0:.0f} s)")
         if status.startswith("finished"):
-            return {**entry, "run-id": run_id, "fab-hash": ans.get("fab-hash")}
+            return entry
         if timeout and time.monotonic() - t0 > timeout:
             raise TimeoutError(f"run {run_id} still {status} after {timeout:.0f} s")
         time.sleep(poll)
+
+
+def _stop_run(run_id: int, env: dict[str, str], say) -> None:
+    """Ask the SuperLink to stop a run this launch started (it would go on without us); the run
+    folder keeps its completed phases, so the next launch resumes."""
+    try:
+        ans = flwr_json(["stop", str(run_id), CONNECTION], env, timeout=30)
+        say(f"[launch] run {run_id}: stop requested ({'ok' if ans.get('success') else ans})")
+    except (LaunchError, OSError, subprocess.SubprocessError) as err:
+        say(f"[launch] run {run_id}: could not be stopped ({err}); stop it with flwr stop")
 
 
 def _keys_from(folder: Path) -> dict[str, Path]:
@@ -139,9 +160,10 @@ def launch_command(
     env = os.environ.copy()
     env.setdefault("FLWR_HOME", str(Path.home() / ".flwr"))
     env.update(FLOWER_ENV)
+    keys = _keys_from(register) if register else {}
     try:
-        entry = launch(superlink, ca, _keys_from(register) if register else {}, run_config, env,
-                       app, timeout)  # fmt: skip
+        with stop_signals_raise():
+            entry = launch(superlink, ca, keys, run_config, env, app, timeout)
     except (LaunchError, TimeoutError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -10,7 +10,8 @@ Layout (``run_dir``)::
     results.json, report.md  written last, only when the whole run completed
     FAILED.json              why the last attempt stopped (removed when a later attempt completes)
 
-A rerun with the same run folder and the same experiment skips every phase in ``phases.json``.
+A rerun with the same run folder skips every phase in ``phases.json`` whose inputs (config
+sections and site data) are unchanged; the first changed phase and all after it run again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,29 +64,34 @@ def fingerprint(*parts: str) -> str:
 
 
 class RunStore:
-    """Persist and reload completed phases of one run."""
+    """Persist and reload completed phases of one run.
 
-    def __init__(self, run_dir: Path, fp: str):
+    ``identity`` names the experiment and its sites: a folder of another experiment is refused.
+    Each completed phase keeps the fingerprint of what determined its result (the config sections
+    it used and the data of the sites it used); a phase is reused only under the same one.
+    """
+
+    def __init__(self, run_dir: Path, identity: str):
         self.run_dir = Path(run_dir)
-        self.fp = fp
+        self.identity = identity
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._index_path = self.run_dir / "phases.json"
         self.index = self._load_index()
 
     def _load_index(self) -> dict[str, Any]:
         if not self._index_path.exists():
-            return {"fingerprint": self.fp, "completed": []}
+            return {"fingerprint": self.identity, "completed": []}
         try:
             index = json.loads(self._index_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RunDirError(
                 f"{self._index_path}: damaged ({err}); delete the run folder"
             ) from None
-        if index.get("fingerprint") != self.fp:
+        if index.get("fingerprint") != self.identity:
             raise RunDirError(
                 f"{self.run_dir} holds a run of a different experiment or run settings "
-                f"(fingerprint {index.get('fingerprint')} != {self.fp}); choose another run folder "
-                "or delete this one to start over"
+                f"(fingerprint {index.get('fingerprint')} != {self.identity}); choose another "
+                "run folder or delete this one to start over"
             )
         return index
 
@@ -93,6 +100,20 @@ class RunStore:
 
     def is_done(self, phase: str) -> bool:
         return phase in self.completed()
+
+    def inputs_of(self, phase: str) -> str:
+        """The fingerprint a completed phase was computed under ("" for an older run folder)."""
+        return str(self.record(phase).get("inputs", ""))
+
+    def forget_from(self, phase: str) -> list[str]:
+        """Mark ``phase`` and every phase completed after it as not done; returns their names."""
+        names = self.completed()
+        dropped = names[names.index(phase) :] if phase in names else []
+        self.index["completed"] = [c for c in self.index["completed"] if c["phase"] not in dropped]
+        atomic_write_json(self._index_path, self.index)
+        for name in dropped:  # their outputs must not mix with the recomputed ones
+            shutil.rmtree(self.phase_dir(name), ignore_errors=True)
+        return dropped
 
     def phase_dir(self, phase: str) -> Path:
         return self.run_dir / "phases" / phase

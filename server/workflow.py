@@ -52,6 +52,13 @@ DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT = (
     "report",
 )
 PHASES = (DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT)
+# top-level experiment keys each phase's result depends on (besides the study's arms and the data)
+_TRAINING = ("seed", "rounds", "model", "simmim", "contrastive", "runtime")
+PHASE_SECTIONS = {
+    PRETRAIN: _TRAINING,
+    FINETUNE: (*_TRAINING, "finetune"),
+    EVALUATE: (*_TRAINING, "finetune", "fusion"),
+}
 
 __all__ = ["PHASES", "Settings", "Workflow", "WorkflowError"]
 
@@ -82,7 +89,7 @@ class Workflow:
     ):
         self.grid, self.cfg, self.s, self._log = grid, cfg, settings, log
         self.t0 = time.monotonic()
-        self.store = RunStore(settings.run_dir, self._fingerprint())
+        self.store = RunStore(settings.run_dir, self._identity())
         self.sites: dict[str, Site] = {}
         self.metrics: dict[str, Any] = {}  # phase -> key -> round -> site -> scalars
         self.resumed: set[str] = set()
@@ -100,13 +107,29 @@ class Workflow:
     def phase_logs(self) -> dict[str, PhaseLog]:
         return self.exchange.phase_logs
 
-    def _fingerprint(self) -> str:
+    def _identity(self) -> str:
+        """Which experiment a run folder holds: its name and its sites (a folder of another
+        experiment is refused, not mixed)."""
         sites = json.dumps([[s.name, s.role] for s in self.cfg.sites])
-        exp = json.dumps(dict(messages.flatten_experiment(self.cfg)), sort_keys=True)
-        study = self.cfg.study
-        if study.variants or study.pairs:  # extra arms change what a run computes; seeds do not
-            exp += study.model_dump_json(include={"variants", "pairs", "select_on_source_val"})
-        return fingerprint(exp, sites)
+        return fingerprint(self.cfg.name, sites)
+
+    def inputs(self, phase: str) -> str:
+        """Fingerprint of what determines ``phase``'s result: the config sections it uses, the
+        study's arms, and the data of the sites it uses (each site's own digest of its manifest),
+        chained to the phase before it. A completed phase is reused only under the same one."""
+        flat = dict(messages.flatten_experiment(self.cfg))
+        used = {k: v for k, v in flat.items() if k.split(".")[0] in PHASE_SECTIONS[phase]}
+        study = self.cfg.study.model_dump_json(
+            include={"variants", "pairs", "select_on_source_val"}
+        )
+        roles = (TARGET,) if phase == PRETRAIN else (TARGET, SOURCE)
+        data = sorted(
+            (s.name, s.role, str(s.card.get("digest", "")))
+            for s in self.sites.values()
+            if s.role in roles
+        )
+        before = self.inputs(PHASES[PHASES.index(phase) - 1]) if phase != PRETRAIN else ""
+        return fingerprint(json.dumps(used, sort_keys=True), study, json.dumps(data), before)
 
     def pretrain_arms(self) -> list[tuple[str, str, ExperimentConfig]]:
         """(key, branch, experiment) of every pretraining job: the built-in branches (key = branch),
@@ -373,7 +396,7 @@ class Workflow:
             return self.store.load_metrics(phase)["result"]
         return {k: ArrayRecord(v) for k, v in self.store.load_weights(phase).items()}
 
-    def _save_phase(self, phase: str, result: Any, has_weights: bool) -> None:
+    def _save_phase(self, phase: str, result: Any, has_weights: bool, inputs: str) -> None:
         plog = self.phase_logs[phase]
         weights = (
             {k: dict(v.to_torch_state_dict()) for k, v in result.items()} if has_weights else {}
@@ -381,20 +404,28 @@ class Workflow:
         metrics = {"sites": self.metrics.get(phase, {})}
         if not has_weights:
             metrics["result"] = result
-        record = {k: v for k, v in asdict(plog).items()}
+        record = {**asdict(plog), "inputs": inputs}
         self.store.save_phase(phase, weights, metrics, record)
 
     def _run_phase(self, phase: str, fn: Callable[[], Any], has_weights: bool) -> Any:
-        """Run ``fn`` unless the store has the phase; persist its outputs when it completes.
-        ``has_weights``: the result is {key: ArrayRecord} (stored as safetensors), else JSON."""
+        """Run ``fn`` unless the store has the phase, computed on the same inputs; persist its
+        outputs when it completes. ``has_weights``: the result is {key: ArrayRecord} (stored as
+        safetensors), else JSON."""
+        inputs = self.inputs(phase)
         if self.store.is_done(phase):
-            return self._resume_phase(phase, has_weights)
+            if self.store.inputs_of(phase) == inputs:
+                return self._resume_phase(phase, has_weights)
+            dropped = self.store.forget_from(phase)
+            self.log(
+                f"{phase}: completed earlier on other inputs (config or site data changed): "
+                f"running {', '.join(dropped)} again"
+            )
         self.log(f"phase {phase}: start")
         t = time.monotonic()
         result = fn()
         plog = self.phase_logs.setdefault(phase, PhaseLog())
         plog.seconds = time.monotonic() - t
-        self._save_phase(phase, result, has_weights)
+        self._save_phase(phase, result, has_weights, inputs)
         self.log(
             f"phase {phase}: done in {plog.seconds:.1f} s "
             f"(sent {mb(plog.bytes_sent)}, received {mb(plog.bytes_received)})"

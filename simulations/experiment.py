@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import typer
 
 from common.config import ConfigError, ExperimentConfig, dump_experiment, load_experiment
+from common.lock import locked
+from common.signals import stop_signals_raise
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
@@ -120,6 +122,15 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     if runner is None:
         from simulations.simulate import run_simulation as runner  # noqa: PLC0415
+    with locked(out, f"crossprobe experiment {cfg.name}"), stop_signals_raise():
+        walls = _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_only, log)
+        write_study(cfg, seeds, out, walls)
+    log(f"[experiment {cfg.name}] study: {out / 'study.md'}")
+    return out
+
+
+def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_only, log):
+    """Run (or reuse) each seed in turn; returns each seed's wall seconds."""
     walls: list[float] = []
     t0 = time.monotonic()
     for i, seed in enumerate(seeds, 1):
@@ -137,9 +148,7 @@ def run_experiment(
             eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
             log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
         walls.append(_wall_seconds(run_dir))
-    write_study(cfg, seeds, out, walls)
-    log(f"[experiment {cfg.name}] study: {out / 'study.md'}")
-    return out
+    return walls
 
 
 def experiment_command(

@@ -25,11 +25,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from common.lock import LOCK_NAME, locked
+from common.signals import stop_signals_raise
 
 APP_DIR = Path(__file__).resolve().parents[1]
 _RUN_ID = re.compile(r"run\s+(?:ID\s+)?(\d{6,})", re.IGNORECASE)
@@ -167,21 +171,39 @@ def run_status(flwr: str, run_id: int, env: dict[str, str]) -> dict:
     return runs[0] if runs else data
 
 
-def _prepare_run_dir(cfg, config: Path, run_dir: Path | None, fresh: bool) -> Path:
-    """The run folder, emptied first when ``fresh`` (only if it is a crossprobe run folder)."""
+def _run_folder(cfg, config: Path, run_dir: Path | None) -> Path:
+    """The run folder, created if needed.
+
+    Raises:
+        typer.BadParameter: no sites to simulate, or the folder cannot be created or written (it
+            is a file, or on a read-only disk).
+    """
     if not cfg.sites:
         raise typer.BadParameter(
             f"{config}: the experiment lists no sites to simulate", param_hint="config"
         )
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
-    if fresh and run_dir.exists():
-        if not (run_dir / "phases.json").exists() and any(run_dir.iterdir()):
-            raise typer.BadParameter(f"{run_dir} is not a crossprobe run folder; not deleting it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise typer.BadParameter(
+            f"{run_dir}: cannot be used as a run folder ({err.strerror or err})",
+            param_hint="--run-dir",
+        ) from None
     if not (APP_DIR / "pyproject.toml").is_file():
         raise SimulationError(f"{APP_DIR}: no pyproject.toml; run from a checkout of crossprobe")
     return run_dir
+
+
+def _empty_run_folder(run_dir: Path) -> None:
+    """``--fresh``: delete what an earlier run left, only if it is a crossprobe run folder."""
+    children = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+    if children and not (run_dir / "phases.json").exists():
+        raise typer.BadParameter(f"{run_dir} is not a crossprobe run folder; not deleting it")
+    for p in children:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _flwr_command(config: Path, run_dir: Path, sites_root: Path, n: int, cpus: float, env) -> list:
@@ -276,7 +298,6 @@ def run_simulation(
             the ServerApp recorded them), or Flower could not start.
     """
     from common.config import load_experiment
-    from simulations.sites import ensure_site
 
     t0 = time.monotonic()
 
@@ -284,7 +305,19 @@ def run_simulation(
         typer.echo(f"[simulate {time.monotonic() - t0:7.1f}s] {text}")
 
     cfg = load_experiment(config)
-    run_dir = _prepare_run_dir(cfg, config, run_dir, fresh)
+    run_dir = _run_folder(cfg, config, run_dir)
+    with locked(run_dir, "crossprobe simulate"), stop_signals_raise():
+        if fresh:
+            _empty_run_folder(run_dir)
+        summary = _simulate(cfg, config, run_dir, sites_root, cpus_per_site, timeout, t0, say)
+    _verdict(summary, run_dir, say)
+    return summary
+
+
+def _simulate(cfg, config, run_dir, sites_root, cpus_per_site, timeout, t0, say) -> dict:
+    """Make the sites' data, run Flower, stop every process it started whatever happens."""
+    from simulations.sites import ensure_site
+
     sites_root = Path(sites_root).resolve() if sites_root else run_dir / "data"
     for site in cfg.sites:  # each site's data in its own folder
         say(f"site {site.name} ({site.role}): data")
@@ -311,7 +344,6 @@ def run_simulation(
         flwr_seconds=round(time.monotonic() - t_run, 1),
         seconds=round(time.monotonic() - t0, 1),
     )
-    _verdict(summary, run_dir, say)
     return summary
 
 

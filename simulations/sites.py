@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import SiteConfig, SynthConfig
+from common.config import ConfigError, SiteConfig, SynthConfig
 from common.data.images import save_png
 from common.data.manifest import (
     DataError,
@@ -63,14 +63,17 @@ def plan_site(site: SiteConfig, img_size: int) -> list[VideoJob]:
     synth = site.synth
     if synth is None:
         raise ValueError(f"site {site.name!r} has no synth config")
-    preset = get_site_preset(synth.preset)
+    try:
+        preset = get_site_preset(synth.preset)
+    except KeyError as err:
+        raise ConfigError(f"site {site.name!r}: synth.preset: {err.args[0]}") from None
     dev, op = get_device(preset.device), get_operator(preset.operator)
     size = int(synth.img_size or img_size)
     rng = np.random.default_rng(np.random.SeedSequence([synth.seed, 0]))
     patients = [f"p{i:03d}" for i in range(synth.patients)]
     fr = (1.0 - synth.val_fraction - synth.test_fraction, synth.val_fraction, synth.test_fraction)
     if fr[0] <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"site {site.name!r}: synth.val_fraction + synth.test_fraction must be < 1"
         )
     splits = split_patients(patients, synth.seed, fr)

@@ -39,6 +39,8 @@ def read_png(path: Path, mode: str = "L") -> np.ndarray:
             arr = np.asarray(im)
     except FileNotFoundError:
         raise DataError(f"{path}: missing file") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: refusing an oversized image: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable or corrupt image: {err}") from None
     if arr.ndim != 2:
@@ -196,7 +198,7 @@ def read_png_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: unreadable or corrupt image: {err}") from None
     return h, w
 

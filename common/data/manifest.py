@@ -9,13 +9,16 @@ file and the manifest row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import yaml
+
+from common.errors import UserError
 
 COLUMNS: tuple[str, ...] = (
     "patient_id",
@@ -37,7 +40,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 Check = Literal["none", "headers", "full"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-caused data problem; the message names the file (and manifest row)."""
 
 
@@ -165,6 +168,7 @@ class SiteData:
             "role": self.role,
             "device": self.meta.get("device", ""),
             "counts": counts,
+            "digest": data_digest(self.root),
         }
 
     def card_text(self) -> str:
@@ -215,8 +219,106 @@ def _image_size(path: Path, where: str, check: Check) -> tuple[int, int]:
             if check == "full":
                 im.load()
             return im.size
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{where}: refusing {path}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{where}: unreadable or corrupt image {path}: {err}") from None
+
+
+def _check_inside(root: Path, rel: str, column: str, where: str) -> None:
+    """A manifest path must stay inside the site folder: a site reads only its own files."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or PureWindowsPath(rel).drive:
+        raise DataError(
+            f"{where}: {column} {rel!r} leaves the site folder (use a path relative to {root})"
+        )
+
+
+def _check_complete(raw: dict, n_columns: int, where: str) -> None:
+    """csv gives missing trailing fields as None and extra ones under the key None."""
+    if None in raw or any(v is None for v in raw.values()):
+        got = sum(v is not None for k, v in raw.items() if k is not None) + len(raw.get(None) or [])
+        raise DataError(
+            f"{where}: {got} field(s) where the header has {n_columns}: a cut or misquoted row"
+        )
+
+
+def data_digest(site_dir: Path) -> str:
+    """SHA-256 of the site's ``dataset.yaml`` and ``manifest.csv``: what identifies its data (which
+    frames, labels and splits) to a run that resumes. Frames replaced in place under the same
+    manifest are not detected."""
+    h = hashlib.sha256()
+    for name in ("dataset.yaml", "manifest.csv"):
+        h.update((Path(site_dir) / name).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_meta(ypath: Path) -> dict[str, Any]:
+    if not ypath.is_file():
+        raise DataError(f"{ypath}: missing (not a canonical site folder?)")
+    try:
+        meta = yaml.safe_load(ypath.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise DataError(f"{ypath}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{ypath}: not valid YAML: {err}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{ypath}: must be a mapping")
+    return meta
+
+
+def _check_row(r: FrameRow, root: Path, where: str, check: Check) -> None:
+    """One parsed row: known split, ids present, paths inside the site, files readable."""
+    if r.split not in SPLITS:
+        raise DataError(f"{where}: unknown split {r.split!r} (expected one of {SPLITS})")
+    if not r.patient_id or not r.video_id or not r.image_path:
+        raise DataError(f"{where}: patient_id, video_id and image_path must not be empty")
+    if r.labeled and not r.mask_path:
+        raise DataError(f"{where}: labeled row without a mask_path")
+    _check_inside(root, r.image_path, "image_path", where)
+    if r.mask_path:
+        _check_inside(root, r.mask_path, "mask_path", where)
+    if check == "none":
+        return
+    isize = _image_size(root / r.image_path, where, check)
+    if r.mask_path:
+        msize = _image_size(root / r.mask_path, where, check)
+        if msize != isize:
+            raise DataError(
+                f"{where}: mask size {msize} != image size {isize} ({root / r.mask_path})"
+            )
+
+
+def _read_rows(mpath: Path, root: Path, check: Check) -> list[FrameRow]:
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: missing")
+    try:
+        text = mpath.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{mpath}: not UTF-8 text (byte {err.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{mpath}: missing column(s) {missing}")
+    rows: list[FrameRow] = []
+    seen: dict[tuple[str, str, int], int] = {}
+    for i, raw in enumerate(reader):
+        line = i + 2  # 1-based, after the header
+        where = f"{mpath} row {line}"
+        _check_complete(raw, len(header), where)
+        r = _parse_row(raw, where)
+        if r.key in seen:
+            raise DataError(
+                f"{where}: duplicate (patient, video, frame) {r.key} (first at row {seen[r.key]})"
+            )
+        seen[r.key] = line
+        _check_row(r, root, where, check)
+        rows.append(r)
+    if not rows:
+        raise DataError(f"{mpath}: no frames (a header without rows)")
+    return rows
 
 
 def load_site(site_dir: str | Path, check: Check = "headers") -> SiteData:
@@ -228,55 +330,14 @@ def load_site(site_dir: str | Path, check: Check = "headers") -> SiteData:
             as an image, and that mask size == image size; "full" decodes every file.
 
     Raises:
-        DataError: missing dataset.yaml/manifest/column/file, corrupt image, mask size ≠ image
-            size, duplicate (patient, video, frame), unknown split, labeled row without a mask.
+        DataError: missing or non-UTF-8 dataset.yaml/manifest, a missing column, a cut row, an
+            empty manifest, a path outside the site folder, a missing, corrupt or oversized
+            image, mask size ≠ image size, duplicate (patient, video, frame), unknown split, a
+            labeled row without a mask.
     """
     root = Path(site_dir)
-    ypath, mpath = root / "dataset.yaml", root / "manifest.csv"
-    if not ypath.is_file():
-        raise DataError(f"{ypath}: missing (not a canonical site folder?)")
-    try:
-        meta = yaml.safe_load(ypath.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DataError(f"{ypath}: not valid YAML: {err}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{ypath}: must be a mapping")
-    if not mpath.is_file():
-        raise DataError(f"{mpath}: missing")
-    with mpath.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise DataError(f"{mpath}: missing column(s) {missing}")
-        rows: list[FrameRow] = []
-        seen: dict[tuple[str, str, int], int] = {}
-        for i, raw in enumerate(reader):
-            line = i + 2  # 1-based, after the header
-            where = f"{mpath} row {line}"
-            r = _parse_row(raw, where)
-            if r.split not in SPLITS:
-                raise DataError(f"{where}: unknown split {r.split!r} (expected one of {SPLITS})")
-            if not r.patient_id or not r.video_id or not r.image_path:
-                raise DataError(f"{where}: patient_id, video_id and image_path must not be empty")
-            if r.labeled and not r.mask_path:
-                raise DataError(f"{where}: labeled row without a mask_path")
-            if r.key in seen:
-                raise DataError(
-                    f"{where}: duplicate (patient, video, frame) {r.key} "
-                    f"(first at row {seen[r.key]})"
-                )
-            seen[r.key] = line
-            if check != "none":
-                isize = _image_size(root / r.image_path, where, check)
-                if r.mask_path:
-                    msize = _image_size(root / r.mask_path, where, check)
-                    if msize != isize:
-                        raise DataError(
-                            f"{where}: mask size {msize} != image size {isize} "
-                            f"({root / r.mask_path})"
-                        )
-            rows.append(r)
+    meta = _read_meta(root / "dataset.yaml")
+    rows = _read_rows(root / "manifest.csv", root, check)
     rows.sort(key=lambda r: r.key)
     return SiteData(root=root, meta=meta, rows=rows)
 

@@ -19,8 +19,8 @@ from common.fl.describe import array_bytes
 from common.fl.ledger import LEDGER_NAME, SERVER, SITE, LedgerFile, canonical, read_ledger
 from common.fl.schema import experiment_of, model_schema, schema_bytes
 
-# `crossprobe audit` exit codes (most serious wins).
-EXIT_OK, EXIT_NO_LEDGER, EXIT_CHAIN, EXIT_CONTRACT, EXIT_MISMATCH = 0, 1, 3, 4, 5
+# `crossprobe audit` exit codes (the first that applies, in the order of AuditReport.exit_code).
+EXIT_OK, EXIT_NO_LEDGER, EXIT_TORN, EXIT_CHAIN, EXIT_CONTRACT, EXIT_MISMATCH = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -29,6 +29,8 @@ class AuditReport:
     chain: list[str] = field(default_factory=list)
     contract: list[str] = field(default_factory=list)
     mismatch: list[str] = field(default_factory=list)
+    torn: list[str] = field(default_factory=list)  # a last line cut short by a crash
+    incomplete: list[str] = field(default_factory=list)  # sent, never logged nor answered
     notes: list[str] = field(default_factory=list)
     bytes: dict[tuple[str, str, str], int] = field(
         default_factory=lambda: defaultdict(int)
@@ -44,6 +46,7 @@ class AuditReport:
             (EXIT_CHAIN, self.chain),
             (EXIT_CONTRACT, self.contract),
             (EXIT_MISMATCH, self.mismatch),
+            (EXIT_TORN, self.torn),
         ):
             if errs:
                 return code
@@ -73,6 +76,11 @@ class AuditReport:
             ("CHAIN BROKEN", self.chain),
             ("CONTRACT VIOLATION", self.contract),
             ("MISMATCH site vs server", self.mismatch),
+            ("TORN (a crash cut the last line; the next run repairs it)", self.torn),
+            (
+                "INCOMPLETE exchange (a crash or timeout: never logged, never answered)",
+                self.incomplete,
+            ),
             ("note", self.notes),
         ):
             lines += [f"{title}: {e}" for e in errs[:50]]
@@ -84,6 +92,7 @@ class AuditReport:
             EXIT_CHAIN: "FAIL: a ledger chain is broken",
             EXIT_CONTRACT: "FAIL: something outside the contract crossed",
             EXIT_MISMATCH: "FAIL: site and server ledgers disagree",
+            EXIT_TORN: "FAIL: a ledger ends in a line cut short by a crash (not an edit)",
         }[self.exit_code]
         lines.append(verdict)
         return "\n".join(lines)
@@ -168,6 +177,8 @@ def _check_ledger(lf: LedgerFile, rep: AuditReport) -> None:
                 _check_reply(e, req, where, rep)
         except (ContractViolation, ValueError) as err:
             rep.contract.append(f"{where}: {err}")
+        except (KeyError, TypeError, AttributeError) as err:  # a described record out of shape
+            rep.contract.append(f"{where}: malformed record ({type(err).__name__}: {err})")
 
 
 def _digest(e: dict) -> list:
@@ -217,6 +228,16 @@ def _server_messages(server: LedgerFile):
             yield no, e, node, e.get("site") or names.get(node, "")
 
 
+def _answered(server: LedgerFile, sent: dict, node: int) -> bool:
+    """Did the server log a reply (or an error) for this message it sent?"""
+    key = (sent.get("run_id"), node, sent.get("group_id"), sent.get("message_type"))
+    return any(
+        (e.get("run_id"), e.get("src_node"), e.get("group_id"), e.get("message_type")) == key
+        for _, e in server.entries
+        if e.get("event") == "message" and e.get("direction") == "in"
+    )
+
+
 def _match_one(
     server: LedgerFile,
     no: int,
@@ -233,6 +254,12 @@ def _match_one(
         for c in index.get(_message_key(e, node, _FLIP[e["direction"]]), [])
         if id(c[2]) not in used
     ]
+    if not cands and e["direction"] == "out" and not _answered(server, e, node):
+        rep.incomplete.append(
+            f"{server.path}:{no}: the server sent {e['message_type']} ({e.get('group_id')}) to "
+            f"site {name!r}, which neither logged nor answered it"
+        )
+        return
     if not cands:
         did = "sent" if e["direction"] == "out" else "received"
         rep.mismatch.append(
@@ -314,6 +341,14 @@ def audit_run(run_dir: Path | None = None, site_dirs: Iterable[Path] = ()) -> Au
     for lf in rep.ledgers:
         if lf.chain_error:
             rep.chain.append(lf.chain_error)
+        if lf.torn:
+            rep.torn.append(lf.torn)
+        rep.notes += [
+            f"{lf.path}:{no}: repaired after a crash ({e.get('torn_bytes')} bytes of a cut line "
+            "removed, kept in the .torn file)"
+            for no, e in lf.entries
+            if e.get("event") == "repair"
+        ]
         _check_ledger(lf, rep)
     if server is not None:
         if not sites:

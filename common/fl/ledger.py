@@ -42,19 +42,20 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
     ).hexdigest()
 
 
-def _last_line(f) -> bytes:
-    f.seek(0, os.SEEK_END)
-    pos = f.tell()
-    buf = b""
-    while pos > 0:
+def _tail(fd: int) -> tuple[int, bytes, bytes]:
+    """(where the last complete line ends, that line, the bytes after it). A ledger whose last
+    byte is not a newline ends in a line cut short by a crash: those bytes are the torn tail."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    buf, pos = b"", size
+    while pos > 0 and buf.count(b"\n") < 2:
         step = min(4096, pos)
         pos -= step
-        f.seek(pos)
-        buf = f.read(step) + buf
-        if buf.rstrip(b"\n").count(b"\n") >= 1:
-            break
-    lines = buf.rstrip(b"\n").split(b"\n")
-    return lines[-1] if lines and lines[-1] else b""
+        buf = os.pread(fd, step, pos) + buf
+    cut = buf.rfind(b"\n") + 1  # 0 when no complete line
+    torn = buf[cut:]
+    complete = buf[:cut].rstrip(b"\n")
+    last = complete[complete.rfind(b"\n") + 1 :] if complete else b""
+    return size - len(torn), last, torn
 
 
 def _chain_after(last: bytes) -> tuple[str, int]:
@@ -64,15 +65,45 @@ def _chain_after(last: bytes) -> tuple[str, int]:
     try:
         prev_entry = json.loads(last)
         return prev_entry.get("hash") or entry_hash(prev_entry), int(prev_entry.get("seq", 0)) + 1
-    except (ValueError, TypeError):
-        return hashlib.sha256(last).hexdigest(), -1  # a damaged tail: audit will say so
+    except (ValueError, TypeError, AttributeError):
+        return hashlib.sha256(last).hexdigest(), -1  # a damaged line: audit will say so
+
+
+def _write_line(fd: int, entry: Mapping[str, Any], last: bytes) -> tuple[dict, bytes]:
+    """Chain ``entry`` after ``last`` and write it as one line in one write; (entry, its line)."""
+    prev, seq = _chain_after(last)
+    out = {**entry, "seq": seq, "prev": prev}
+    out["hash"] = entry_hash(out)
+    line = canonical(out).encode()
+    os.lseek(fd, 0, os.SEEK_END)
+    os.write(fd, line + b"\n")
+    return out, line
 
 
 class Ledger:
-    """Append-only, hash-chained JSON lines; safe for several processes (``flock``)."""
+    """Append-only, hash-chained JSON lines; safe for several processes (``flock``) and for
+    crashes: each entry is one write of a whole line, then fsync; a line cut short by a crash is
+    moved to ``<ledger>.torn`` and replaced by a ``repair`` entry before the next append."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    def _repair(self, fd: int, keep: int, last: bytes, torn: bytes) -> bytes:
+        with open(self.path.with_name(self.path.name + ".torn"), "ab") as f:
+            f.write(torn + b"\n")
+        os.ftruncate(fd, keep)
+        _, line = _write_line(
+            fd,
+            {
+                "event": "repair",
+                "time": now(),
+                "torn_bytes": len(torn),
+                "torn_sha256": hashlib.sha256(torn).hexdigest(),
+                "note": "a line cut short by a crash was removed (kept in the .torn file)",
+            },
+            last,
+        )
+        return line
 
     def append(self, entry: Mapping[str, Any]) -> dict:
         """Append ``entry`` with ``seq``, ``prev`` and ``hash`` filled in.
@@ -81,18 +112,16 @@ class Ledger:
             The entry as written.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                prev, seq = _chain_after(_last_line(f))
-                out = {**entry, "seq": seq, "prev": prev}
-                out["hash"] = entry_hash(out)
-                f.seek(0, os.SEEK_END)
-                f.write((canonical(out) + "\n").encode())
-                f.flush()
-                os.fsync(f.fileno())
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            keep, last, torn = _tail(fd)
+            if torn:
+                last = self._repair(fd, keep, last, torn)
+            out, _ = _write_line(fd, entry, last)
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the flock
         return out
 
 
@@ -164,6 +193,7 @@ class LedgerFile:
     path: Path
     entries: list[tuple[int, dict]]  # (line number, entry)
     chain_error: str = ""
+    torn: str = ""  # the last line was cut short by a crash (not an edit)
 
     @property
     def head(self) -> str:
@@ -184,20 +214,73 @@ def _chain_problem(entry: dict, expected_seq: int, prev: str) -> str:
     return ""
 
 
+_MESSAGE_FIELDS = {
+    "party": str,
+    "direction": str,
+    "message_type": str,
+    "src_node": int,
+    "dst_node": int,
+    "records": list,
+}
+
+
+def _shape_problem(entry: dict) -> str:
+    """What a writer never leaves out of a message entry, or "" when it is all there."""
+    if entry.get("event") != "message":
+        return ""
+    for key, kind in _MESSAGE_FIELDS.items():
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            return f"field {key!r} is missing or not a {kind.__name__}"
+    if entry["direction"] not in ("in", "out"):
+        return f"direction {entry['direction']!r}"
+    for rec in entry["records"]:
+        if not (isinstance(rec, dict) and isinstance(rec.get("name"), str)):
+            return "a record without a name"
+        if not isinstance(rec.get("type"), str):
+            return f"record {rec['name']!r} without a type"
+        arrays = rec.get("arrays", [])
+        if not isinstance(arrays, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and "sha256" in a for a in arrays
+        ):
+            return f"record {rec['name']!r} has malformed arrays"
+    return ""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (a writer never writes it)")
+
+
+def _parse_entry(raw: bytes) -> dict:
+    """One ledger line as an entry. Raises ValueError: not a JSON object, or malformed."""
+    try:
+        entry = json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 ({err.reason})") from None
+    if not isinstance(entry, dict):
+        raise ValueError("not an object")
+    if problem := _shape_problem(entry):
+        raise ValueError(problem)
+    return entry
+
+
 def read_ledger(path: Path) -> LedgerFile:
-    """Parse a ledger and verify its chain; ``chain_error`` names the first bad line."""
+    """Parse a ledger and verify its chain; ``chain_error`` names the first bad line, ``torn``
+    a last line cut short by a crash (repaired by the next append)."""
     path = Path(path)
     out = LedgerFile(path, [])
     prev = GENESIS
-    for no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1].strip():  # no newline at the end: the last write was cut short
+        out.torn = f"{path}:{len(lines)}: the last line ({len(lines[-1])} bytes) was cut short"
+        lines = lines[:-1]
+    for no, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw)
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
+            entry = _parse_entry(raw)
         except ValueError as err:
-            out.chain_error = out.chain_error or f"{path}:{no}: not a JSON entry ({err}): edited"
+            out.chain_error = out.chain_error or f"{path}:{no}: not a valid entry ({err}): edited"
             continue
         out.entries.append((no, entry))
         if not out.chain_error:
