@@ -13,6 +13,7 @@ from common.config import DEFAULT_DIFFICULTY
 data_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
     help="Make, ingest, validate and export site datasets (the canonical layout).",
 )
 

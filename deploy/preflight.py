@@ -69,13 +69,39 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()  # PermissionError (an OSError) when unreadable
 
 
-def _check_pair(crt: Path, key: Path, ca_cert) -> str:
-    """Certificate signed by the CA, valid now, and matching its private key."""
+def _load(path: Path, data: bytes, what: str, loader):
+    """``loader(data)``, or ValueError naming the file: unparseable, or encrypted (a SuperNode or
+    TLS key must be readable without a passphrase; Flower cannot ask for one)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return loader(data)
+    except (TypeError, UnsupportedAlgorithm):  # "Password was not given but … is encrypted"
+        raise ValueError(
+            f"{path}: {what} is protected by a passphrase; store it without one"
+        ) from None
+    except (ValueError, IndexError, AssertionError) as err:
+        raise ValueError(f"{path}: not {what} ({type(err).__name__})") from None
+
+
+def _pem_cert(path: Path, data: bytes):
     from cryptography import x509
+
+    return _load(path, data, "a PEM certificate", x509.load_pem_x509_certificate)
+
+
+def _pem_key(path: Path, data: bytes):
     from cryptography.hazmat.primitives import serialization
 
-    cert = x509.load_pem_x509_certificate(_read(crt))
-    k = serialization.load_pem_private_key(_read(key), None)
+    return _load(
+        path, data, "a PEM private key", lambda b: serialization.load_pem_private_key(b, None)
+    )
+
+
+def _check_pair(crt: Path, key: Path, ca_cert) -> str:
+    """Certificate signed by the CA, valid now, and matching its private key."""
+    cert = _pem_cert(crt, _read(crt))
+    k = _pem_key(key, _read(key))
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no message
@@ -97,13 +123,30 @@ def _pub_bytes(pub) -> bytes:
     return pub.public_bytes(s.Encoding.DER, s.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _check_certs(certs: Path) -> tuple[int, str]:
-    """The files of a ``certs/sites/<site>`` or ``certs/superlink`` folder, present and
-    consistent."""
-    from cryptography import x509
+def _check_node_key(certs: Path, raw: dict[str, bytes]) -> str:
+    """The SuperNode's OpenSSH key pair: readable, ECDSA P-384, private matches public."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    priv = _load(
+        certs / NODE_KEY,
+        raw[NODE_KEY],
+        "an OpenSSH private key",
+        lambda b: serialization.load_ssh_private_key(b, None),
+    )
+    pub = _load(
+        certs / NODE_PUB, raw[NODE_PUB], "an OpenSSH public key", serialization.load_ssh_public_key
+    )
+    if not isinstance(priv, ec.EllipticCurvePrivateKey) or priv.curve.name != "secp384r1":
+        raise ValueError(f"{certs / NODE_KEY}: not an ECDSA P-384 key")
+    if _pub_bytes(priv.public_key()) != _pub_bytes(pub):
+        raise ValueError(f"{certs / NODE_KEY}: does not match {certs / NODE_PUB}")
+    return f"{NODE_KEY} matches {NODE_PUB} (ECDSA P-384)"
+
+
+def _check_certs(certs: Path) -> tuple[int, str]:
+    """The files of a ``certs/sites/<site>`` or ``certs/superlink`` folder, present and
+    consistent."""
     site = (certs / NODE_KEY).exists() or (certs / NODE_PUB).exists()
     need = [CA_CERT, SECRET] + (
         [NODE_KEY, NODE_PUB, RUNTIME_CERT, RUNTIME_KEY] if site else [SERVER_CERT, SERVER_KEY]
@@ -114,95 +157,80 @@ def _check_certs(certs: Path) -> tuple[int, str]:
         return Exit.CERTS_MISSING, str(err)
     if not raw[SECRET].strip():
         return Exit.CERTS_MISSING, f"{certs / SECRET}: empty"
-    notes = []
     try:
-        try:
-            ca = x509.load_pem_x509_certificate(raw[CA_CERT])
-        except ValueError:
-            raise ValueError(f"{certs / CA_CERT}: not a PEM certificate") from None
+        ca = _pem_cert(certs / CA_CERT, raw[CA_CERT])
         if site:
-            try:
-                priv = serialization.load_ssh_private_key(raw[NODE_KEY], None)
-            except ValueError as err:
-                raise ValueError(
-                    f"{certs / NODE_KEY}: not an OpenSSH private key ({err})"
-                ) from None
-            try:
-                pub = serialization.load_ssh_public_key(raw[NODE_PUB])
-            except ValueError as err:
-                raise ValueError(f"{certs / NODE_PUB}: not an OpenSSH public key ({err})") from None
-            if not isinstance(priv, ec.EllipticCurvePrivateKey) or priv.curve.name != "secp384r1":
-                raise ValueError(f"{certs / NODE_KEY}: not an ECDSA P-384 key")
-            if _pub_bytes(priv.public_key()) != _pub_bytes(pub):
-                raise ValueError(f"{certs / NODE_KEY}: does not match {certs / NODE_PUB}")
-            notes.append(f"{NODE_KEY} matches {NODE_PUB} (ECDSA P-384)")
-            notes.append(_check_pair(certs / RUNTIME_CERT, certs / RUNTIME_KEY, ca))
+            notes = [
+                _check_node_key(certs, raw),
+                _check_pair(certs / RUNTIME_CERT, certs / RUNTIME_KEY, ca),
+            ]
         else:
-            notes.append(_check_pair(certs / SERVER_CERT, certs / SERVER_KEY, ca))
+            notes = [_check_pair(certs / SERVER_CERT, certs / SERVER_KEY, ca)]
     except ValueError as err:
         return Exit.CERTS_MISMATCH, str(err)
     return Exit.OK, "; ".join(notes)
 
 
+def _check_data(data: Path) -> Check:
+    from common.data.manifest import DataError, load_site
+
+    try:
+        card = load_site(data).card()
+        return Check("data", Exit.DATA, True, f"{data}: {card.get('counts', card)}")
+    except (DataError, OSError) as err:
+        return Check("data", Exit.DATA, False, f"{data}: {err}")
+
+
+def _check_superlink(superlink: str, certs: Path | None, timeout: float) -> list[Check]:
+    """TCP to the SuperLink, then a TLS handshake verified with the site's CA."""
+    host, port = split_address(superlink)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return [Check("superlink tcp", Exit.UNREACHABLE, False, f"{superlink}: {err}")]
+    tcp = Check("superlink tcp", Exit.UNREACHABLE, True, f"{superlink}: TCP connect")
+    ca = certs / CA_CERT if certs is not None else None
+    if ca is None or not ca.is_file():
+        why = f"{superlink}: no CA certificate to verify it with ({ca})"
+        return [tcp, Check("superlink tls", Exit.CERTS_MISSING, False, why)]
+    try:
+        v = check_tls(host, port, ca, timeout)
+        return [
+            tcp,
+            Check("superlink tls", Exit.TLS, True, f"{superlink}: {v}, verified with {ca}"),
+        ]
+    except (OSError, ssl.SSLError) as err:
+        return [tcp, Check("superlink tls", Exit.TLS, False, f"{superlink} with CA {ca}: {err}")]
+
+
+def _check_flwr_home(flwr_home: Path) -> Check:
+    try:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=flwr_home, prefix=".preflight-"):
+            pass
+        return Check("FLWR_HOME", Exit.FLWR_HOME, True, f"{flwr_home}: writable")
+    except OSError as err:
+        return Check("FLWR_HOME", Exit.FLWR_HOME, False, f"{flwr_home}: not writable ({err})")
+
+
 def preflight(
-    data: Path | None, certs: Path | None, superlink: str | None, flwr_home: Path | None,
+    data: Path | None,
+    certs: Path | None,
+    superlink: str | None,
+    flwr_home: Path | None,
     timeout: float = 5.0,
-) -> list[Check]:  # fmt: skip
+) -> list[Check]:
     """Run every check that has its input; see :class:`Exit` for what each failure means."""
     checks: list[Check] = []
     if data is not None:
-        from common.data.manifest import DataError, load_site
-
-        try:
-            card = load_site(data).card()
-            checks.append(Check("data", Exit.DATA, True, f"{data}: {card.get('counts', card)}"))
-        except (DataError, OSError) as err:
-            checks.append(Check("data", Exit.DATA, False, f"{data}: {err}"))
+        checks.append(_check_data(data))
     if certs is not None:
         code, detail = _check_certs(certs)
         checks.append(Check("certificates", code or Exit.CERTS_MISMATCH, code == 0, detail))
     if superlink is not None:
-        host, port = split_address(superlink)
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            checks.append(
-                Check("superlink tcp", Exit.UNREACHABLE, True, f"{superlink}: TCP connect")
-            )
-        except OSError as err:
-            checks.append(Check("superlink tcp", Exit.UNREACHABLE, False, f"{superlink}: {err}"))
-        else:
-            ca = certs / CA_CERT if certs is not None else None
-            if ca is None or not ca.is_file():
-                checks.append(
-                    Check(
-                        "superlink tls",
-                        Exit.CERTS_MISSING,
-                        False,
-                        f"{superlink}: no CA certificate to verify it with ({ca})",
-                    )
-                )
-            else:
-                try:
-                    v = check_tls(host, port, ca, timeout)
-                    checks.append(
-                        Check(
-                            "superlink tls", Exit.TLS, True, f"{superlink}: {v}, verified with {ca}"
-                        )
-                    )
-                except (OSError, ssl.SSLError) as err:
-                    checks.append(
-                        Check("superlink tls", Exit.TLS, False, f"{superlink} with CA {ca}: {err}")
-                    )
+        checks += _check_superlink(superlink, certs, timeout)
     if flwr_home is not None:
-        try:
-            flwr_home.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=flwr_home, prefix=".preflight-"):
-                pass
-            checks.append(Check("FLWR_HOME", Exit.FLWR_HOME, True, f"{flwr_home}: writable"))
-        except OSError as err:
-            checks.append(
-                Check("FLWR_HOME", Exit.FLWR_HOME, False, f"{flwr_home}: not writable ({err})")
-            )
+        checks.append(_check_flwr_home(flwr_home))
     return checks
 
 

@@ -210,6 +210,86 @@ def test_a_changed_ledger_line_fails_the_audit_naming_the_line(clean_run, tmp_pa
     assert f"{path}:4:" in result.output and "CHAIN BROKEN" in result.output
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(lambda e: e.update(records=float("inf")), id="Infinity"),
+        pytest.param(lambda e: e.pop("direction"), id="missing-direction"),
+        pytest.param(lambda e: e.update(records=[{"type": "ArrayRecord"}]), id="nameless-record"),
+        pytest.param(lambda e: e.update(src_node="7"), id="node-as-string"),
+    ],
+)
+def test_a_malformed_ledger_line_is_an_edit_not_a_crash(clean_run, tmp_path, how):
+    run = _copy(clean_run[0], tmp_path)
+    path = run / "sites" / "telemed" / "ledger.jsonl"
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[2])
+    how(entry)
+    entry["hash"] = ledger.entry_hash({k: v for k, v in entry.items() if k != "records"})
+    lines[2] = json.dumps(entry)  # json.dumps writes inf as Infinity, as an attacker could
+    path.write_text("\n".join(lines) + "\n")
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_CHAIN, result.output
+    assert f"{path}:3: not a valid entry" in result.output
+
+
+def test_a_torn_last_line_is_a_crash_and_the_next_append_repairs_it(clean_run, tmp_path):
+    run = _copy(clean_run[0], tmp_path)
+    path = run / "sites" / "lumify" / "ledger.jsonl"
+    data = path.read_bytes()
+    n_lines = data.count(b"\n")
+    path.write_bytes(data + b'{"event": "message", "time": "20')  # killed mid-write
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_TORN, result.output
+    assert f"{path}:{n_lines + 1}: the last line" in result.output
+    assert "CHAIN BROKEN" not in result.output
+    written = ledger.Ledger(path).append({"event": "note", "n": 1})
+    lf = ledger.read_ledger(path)
+    assert lf.chain_error == "" and lf.torn == ""
+    assert [e["event"] for _, e in lf.entries[-2:]] == ["repair", "note"]
+    assert lf.entries[-1][1] == written
+    assert path.with_name("ledger.jsonl.torn").read_bytes().startswith(b'{"event": "message"')
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_OK, result.output
+    assert "repaired after a crash" in result.output
+
+
+def test_a_message_a_crashed_site_never_logged_is_an_incomplete_exchange(clean_run, tmp_path):
+    run = _copy(clean_run[0], tmp_path)
+    server = run / "ledger.jsonl"
+    entries = [json.loads(line) for line in server.read_text().splitlines()]
+    sent = next(e for e in entries if e.get("message_type") == contract.EVALUATE_SEGMENT)
+    lost = {
+        **{k: v for k, v in sent.items() if k not in ("seq", "prev", "hash")},
+        "group_id": "evaluate/telemed/telemed/r9",
+        "message_id": "lost-in-a-crash",
+    }
+    ledger.Ledger(server).append(lost)
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_OK, result.output
+    assert "INCOMPLETE exchange" in result.output and "r9" in result.output
+    assert "MISMATCH" not in result.output
+
+
+def test_a_reply_the_server_hides_while_it_goes_on_is_a_mismatch(clean_run, tmp_path):
+    run = _copy(clean_run[0], tmp_path)
+    server = run / "ledger.jsonl"
+    entries = [json.loads(line) for line in server.read_text().splitlines()]
+    hidden = next(
+        i
+        for i, e in enumerate(entries)
+        if e.get("direction") == "in" and e.get("message_type") == contract.TRAIN_FINETUNE
+    )
+    server.unlink()
+    rebuilt = ledger.Ledger(server)
+    for i, e in enumerate(entries):
+        if i != hidden:
+            rebuilt.append({k: v for k, v in e.items() if k not in ("seq", "prev", "hash")})
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_MISMATCH, result.output
+    assert "that the server's ledger does not show it received" in result.output
+
+
 def test_a_rebuilt_site_ledger_disagrees_with_the_server(clean_run, tmp_path):
     # a site rewrites its ledger to claim other weights, re-chaining every line
     run = _copy(clean_run[0], tmp_path)

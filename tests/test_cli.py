@@ -85,6 +85,101 @@ def test_python_dash_m_crossprobe_is_the_same_command():
     assert res.returncode == 0 and all(name in res.stdout for name in COMMANDS)
 
 
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_crash_in_any_command_does_not_print_local_variables(tmp_path, name):
+    (tmp_path / "superexec.secret").write_text("hunter2-do-not-print")
+    (tmp_path / "boom_cmd.py").write_text(
+        "def boom() -> None:\n"
+        "    superexec_secret = open('superexec.secret').read()\n"
+        "    raise RuntimeError('deliberate')\n"
+    )
+    res = _python(
+        """
+        import sys
+        from crossprobe import cli
+        cli.COMMANDS[sys.argv[1]] = cli.Command("boom_cmd", "boom", "raises")
+        sys.argv = ["crossprobe", sys.argv[1]]
+        cli.main()
+        """,
+        name,
+        cwd=tmp_path,
+    )
+    assert res.returncode != 0 and "deliberate" in res.stdout + res.stderr
+    assert "hunter2" not in res.stdout + res.stderr
+
+
+def test_preflight_on_a_passphrase_key_names_it_and_prints_no_secret(tmp_path):
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from deploy.certs import make_certs
+
+    make_certs(tmp_path, ["lumify"])
+    site = tmp_path / "sites" / "lumify"
+    secret = (site / "superexec.secret").read_text().strip()
+    key = ser.load_pem_private_key((site / "runtime.key").read_bytes(), None)
+    enc = ser.BestAvailableEncryption(b"open sesame")
+    (site / "runtime.key").write_bytes(
+        key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, enc)
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crossprobe",
+            "preflight",
+            "--certs",
+            str(site),
+            "--flwr-home",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 12 and "runtime.key: a PEM private key is protected" in out
+    assert secret[:8] not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "proc"])
+def test_simulate_into_an_unusable_run_folder_is_one_error(tmp_path, where):
+    (tmp_path / "a-file").write_text("x")
+    run_dir = {
+        "a-file": tmp_path / "a-file",
+        "under-a-file": tmp_path / "a-file" / "run",
+        "proc": "/proc/crossprobe-run",
+    }[where]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crossprobe",
+            "simulate",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "cannot be used as a run folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: true\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "crossprobe", "simulate", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "rounds" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_a_crash_does_not_print_local_variables(tmp_path):
     (tmp_path / "superexec.secret").write_text("hunter2-do-not-print")
     (tmp_path / "boom_cmd.py").write_text(

@@ -71,6 +71,12 @@ def _write(tmp_path, text):
         ("contrastive:\n  min_frame_gap: -2\n", "contrastive.min_frame_gap"),
         ("model:\n  embed_dim: 100\n  num_heads: 3\n", "model"),
         ("fusion:\n  default_mode: max\n", "fusion.default_mode"),
+        ("simmim:\n  optim: {lr: .inf}\n", "simmim.optim.lr"),
+        ("finetune:\n  optim: {lr: .nan}\n", "finetune.optim.lr"),
+        ("rounds: true\n", "rounds"),
+        ("seed: false\n", "seed"),
+        ("fusion:\n  eps: true\n", "fusion.eps"),
+        ("runtime:\n  threads: yes\n", "runtime.threads"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key):
@@ -87,6 +93,21 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_experiment(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_experiment(_write(tmp_path, "model: [unclosed\n"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1}: not UTF-8"):
+        load_experiment(latin1)
+
+
+def test_unknown_synth_preset_names_the_site_and_key(tmp_path):
+    from simulations.sites import plan_site
+
+    cfg = load_experiment("configs/tiny.yaml")
+    site = cfg.sites[1].model_copy(
+        update={"synth": cfg.sites[1].synth.model_copy(update={"preset": "butterfly-iq"})}
+    )
+    with pytest.raises(ConfigError, match="site 'telemed': synth.preset: unknown synth preset"):
+        plan_site(site, cfg.model.img_size)
 
 
 def test_config_is_frozen_and_overrides_apply():

@@ -195,6 +195,72 @@ def test_labeled_row_without_mask(tmp_path: Path):
         load_site(root)
 
 
+def test_manifest_cut_mid_row_names_the_row(tmp_path: Path):
+    root = make_site(tmp_path)
+    p = root / "manifest.csv"
+    text = p.read_text()
+    p.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 40])  # the last row, cut
+    with pytest.raises(DataError, match=r"row 7: \d+ field\(s\) where the header has 14"):
+        load_site(root, check="none")
+
+
+@pytest.mark.parametrize(
+    "column, path",
+    [
+        ("image_path", "/etc/hostname"),
+        ("image_path", "../../outside.png"),
+        ("mask_path", "masks/../../../outside.png"),
+        ("image_path", "C:/frames/a.png"),
+    ],
+)
+def test_paths_outside_the_site_folder_are_refused(tmp_path: Path, column, path):
+    root = make_site(tmp_path / "site")
+    _edit_manifest(
+        root,
+        lambda rows, h: ([{**r, column: path} if i == 0 else r for i, r in enumerate(rows)], h),
+    )
+    with pytest.raises(DataError, match=rf"row 2: {column} .* leaves the site folder"):
+        load_site(root, check="none")
+
+
+def test_header_only_manifest_is_not_a_site(tmp_path: Path):
+    root = make_site(tmp_path)
+    p = root / "manifest.csv"
+    p.write_text(p.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match="no frames"):
+        load_site(root)
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "dataset.yaml"])
+def test_non_utf8_site_files_are_named(tmp_path: Path, name):
+    root = make_site(tmp_path)
+    (root / name).write_bytes((root / name).read_bytes() + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{name}: not UTF-8"):
+        load_site(root, check="none")
+
+
+def bomb_png(path: Path, width: int = 60000, height: int = 60000) -> None:
+    """A valid small PNG whose header claims ``width`` × ``height`` pixels."""
+    import struct
+    import zlib
+
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path: Path):
+    root = make_site(tmp_path)
+    frame = root / "frames/p1/v1/00001.png"
+    bomb_png(frame)
+    with pytest.raises(DataError, match=rf"row 3: refusing {frame}"):
+        load_site(root)
+
+
 def test_patient_split_is_deterministic_and_complete():
     pats = [f"p{i:03d}" for i in range(50)]
     a, b, c = split_patients(pats, 7), split_patients(pats, 7), split_patients(pats, 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -246,6 +247,40 @@ def _no_tls(tmp: Path, data: Path) -> tuple[list[str], str]:
     ], f"127.0.0.1:{port}"
 
 
+def _passphrase_key(tmp: Path, data: Path) -> tuple[list[str], str]:
+    from cryptography.hazmat.primitives import serialization as ser
+
+    path = tmp / "certs/sites/lumify/runtime.key"
+    key = ser.load_pem_private_key(path.read_bytes(), None)
+    enc = ser.BestAvailableEncryption(b"open sesame")
+    path.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, enc))
+    return ["--certs", str(tmp / "certs/sites/lumify")], f"{path}: a PEM private key is protected"
+
+
+def _garbage_pem(tmp: Path, data: Path) -> tuple[list[str], str]:
+    path = tmp / "certs/sites/lumify/runtime.crt"
+    path.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    return ["--certs", str(tmp / "certs/sites/lumify")], f"{path}: not a PEM certificate"
+
+
+def _empty_manifest(tmp: Path, data: Path) -> tuple[list[str], str]:
+    site = tmp / "site"
+    shutil.copytree(data, site)
+    manifest = site / "manifest.csv"
+    manifest.write_text(manifest.read_text().splitlines()[0] + "\n")
+    return ["--data", str(site)], "no frames"
+
+
+def _bomb_frame(tmp: Path, data: Path) -> tuple[list[str], str]:
+    from tests.test_data_manifest import bomb_png
+
+    site = tmp / "site"
+    shutil.copytree(data, site)
+    frame = next((site / "frames").rglob("*.png"))
+    bomb_png(frame)
+    return ["--data", str(site)], f"refusing {frame}"
+
+
 def _home_is_a_file(tmp: Path, data: Path) -> tuple[list[str], str]:
     (tmp / "afile").write_text("x")
     return ["--flwr-home", str(tmp / "afile" / "home")], str(tmp / "afile" / "home")
@@ -253,9 +288,11 @@ def _home_is_a_file(tmp: Path, data: Path) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize(
     ("breaker", "code"),
-    [(_break_data, 10), (_missing_key, 11), (_wrong_pub, 12), (_foreign_ca, 12), (_closed_port, 13),
-     (_no_tls, 14), (_home_is_a_file, 15)],
-    ids=["data", "missing-key", "key-mismatch", "foreign-ca", "unreachable", "no-tls", "flwr-home"],
+    [(_break_data, 10), (_empty_manifest, 10), (_bomb_frame, 10), (_missing_key, 11),
+     (_wrong_pub, 12), (_foreign_ca, 12), (_passphrase_key, 12), (_garbage_pem, 12),
+     (_closed_port, 13), (_no_tls, 14), (_home_is_a_file, 15)],
+    ids=["data", "empty-manifest", "bomb-frame", "missing-key", "key-mismatch", "foreign-ca",
+         "passphrase-key", "garbage-pem", "unreachable", "no-tls", "flwr-home"],
 )  # fmt: skip
 def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
     tmp_path, site_data, breaker, code

@@ -243,6 +243,38 @@ def test_rerun_resumes_after_the_last_completed_phase(
     assert not (tmp_path / "run" / "FAILED.json").exists()
 
 
+def test_a_resume_never_reuses_a_phase_computed_on_other_data_or_settings(
+    tmp_path, sites_root, flower_identity
+):
+    from simulations.sites import ensure_site
+
+    exp, cfg = _experiment(tmp_path, "inputs")
+    run_server(server_app, _grid(exp, tmp_path / "run", sites_root, 2))
+    unchanged = _grid(exp, tmp_path / "run", sites_root, 2)
+    run_server(server_app, unchanged)
+    assert set(_types(unchanged)) == {contract.QUERY_SITE}
+
+    # another fusion setting: only the evaluation depends on it
+    fused = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"eps": 1e-5})})
+    exp.write_text(dump_experiment(fused))
+    evaluate_only = _grid(exp, tmp_path / "run", sites_root, 2)
+    run_server(server_app, evaluate_only)
+    assert set(_types(evaluate_only)) == {contract.QUERY_SITE, contract.EVALUATE_SEGMENT}
+
+    # the target's data regenerated from another seed: every phase used it
+    other = tmp_path / "other-data"
+    target = cfg.sites[1].model_copy(
+        update={"synth": cfg.sites[1].synth.model_copy(update={"seed": 99})}
+    )
+    for site in (cfg.sites[0], target):
+        ensure_site(site, cfg.model.img_size, other, progress=False)
+    everything = _grid(exp, tmp_path / "run", other, 2)
+    run_server(server_app, everything)
+    assert contract.TRAIN_PRETRAIN in _types(everything)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not any(ph["resumed"] for ph in results["phases"])
+
+
 def test_run_folder_of_another_experiment_is_refused(tmp_path, sites_root, flower_identity):
     exp, _ = _experiment(tmp_path, "other")
     (tmp_path / "run").mkdir()

@@ -279,19 +279,45 @@ def _match_one(
     rep.checked["matched messages"] += 1
 
 
+def _server_stopped_waiting(server: LedgerFile, reply: dict) -> bool:
+    """Did the server's run end while it waited for ``reply``? True when the server logged the
+    request and received nothing at all in that run afterwards (its process died or timed out);
+    a server that went on receiving other replies but not this one is a mismatch."""
+    key = (reply.get("run_id"), reply["src_node"], reply.get("group_id"), reply["message_type"])
+    sent_at = next(
+        (
+            i
+            for i, (_, e) in enumerate(server.entries)
+            if e.get("event") == "message"
+            and e["direction"] == "out"
+            and (e.get("run_id"), e["dst_node"], e.get("group_id"), e["message_type"]) == key
+        ),
+        None,
+    )
+    if sent_at is None:
+        return False
+    return not any(
+        e.get("event") == "message" and e["direction"] == "in" and e.get("run_id") == key[0]
+        for _, e in server.entries[sent_at + 1 :]
+    )
+
+
 def _unreceived_sends(
-    index: SiteIndex, used: set[int], sites: set[str], runs: set, rep: AuditReport
+    server: LedgerFile, index: SiteIndex, used: set[int], sites: set[str], rep: AuditReport
 ) -> None:
     """Replies a site logged as sent, in a run the server logged, that the server never shows."""
+    runs = {e.get("run_id") for _, e in server.entries}
     for items in index.values():
         for path, sno, se in items:
             if id(se) in used or se.get("site") not in sites or se.get("run_id") not in runs:
                 continue
-            if se["direction"] == "out" and se.get("records"):
-                rep.mismatch.append(
-                    f"{path}:{sno}: the site sent {se['message_type']} ({se.get('group_id')}) "
-                    "that the server's ledger does not show it received"
-                )
+            if se["direction"] != "out" or not se.get("records"):
+                continue
+            what = f"{path}:{sno}: the site sent {se['message_type']} ({se.get('group_id')})"
+            if _server_stopped_waiting(server, se):
+                rep.incomplete.append(f"{what}; the server's run ended before it arrived")
+            else:
+                rep.mismatch.append(f"{what} that the server's ledger does not show it received")
 
 
 def _cross_check(
@@ -311,7 +337,7 @@ def _cross_check(
                 f"{server.path}:{no}: no ledger for site {name!r} (expected under its folder)"
             )
             expect.discard(name)
-    _unreceived_sends(index, used, seen, {e.get("run_id") for _, e in server.entries}, rep)
+    _unreceived_sends(server, index, used, seen, rep)
 
 
 def audit_run(run_dir: Path | None = None, site_dirs: Iterable[Path] = ()) -> AuditReport:
