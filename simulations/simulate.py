@@ -203,7 +203,10 @@ def _empty_run_folder(run_dir: Path) -> None:
     if children and not (run_dir / "phases.json").exists():
         raise typer.BadParameter(f"{run_dir} is not a crossprobe run folder; not deleting it")
     for p in children:
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _flwr_command(config: Path, run_dir: Path, sites_root: Path, n: int, cpus: float, env) -> list:
