@@ -122,3 +122,22 @@ def test_sigterm_mid_phase_stops_everything_and_the_run_resumes_to_the_same_tabl
     assert [ph["phase"] for ph in resumed["phases"] if ph["resumed"]] == ["pretrain"]
     audit = audit_run(run_dir)
     assert audit.ok, audit.render()
+
+
+def test_fresh_empties_a_run_folder_but_never_a_foreign_one(tmp_path):
+    import typer
+
+    from simulations.simulate import _empty_run_folder
+
+    run = tmp_path / "run"
+    (run / "phases").mkdir(parents=True)
+    (run / "phases.json").write_text("{}")
+    (run / ".lock").write_text("")
+    _empty_run_folder(run)
+    assert [p.name for p in run.iterdir()] == [".lock"]
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(typer.BadParameter, match="not a crossprobe run folder"):
+        _empty_run_folder(foreign)
+    assert (foreign / "thesis.tex").exists()
