@@ -27,6 +27,7 @@ from common.fl.contract import (
     NUM_EXAMPLES,
     SITE_CARD,
     ContractViolation,
+    bounded_reason,
     check,
 )
 from common.fl.describe import describe
@@ -143,9 +144,10 @@ class Exchange:
             WorkflowError: an error reply, or a reply the contract does not allow (refused).
         """
         records = describe(reply.content) if reply.has_content() else []
-        if reply.has_error():
-            self.log_message(phase, "in", reply, site, records, error=reply.error.reason)
-            raise WorkflowError(f"{where}: {reply.error.reason}")
+        if reply.has_error():  # bounded here too: a site without the guard may send anything
+            reason = bounded_reason(reply.error.reason)
+            self.log_message(phase, "in", reply, site, records, error=reason)
+            raise WorkflowError(f"{where}: {reason}")
         try:
             check("reply", reply.metadata.message_type, site.role, records, self.cfg, max_list)
         except ContractViolation as err:

@@ -443,6 +443,52 @@ def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, fl
     assert "the server received a reply outside the contract" in result.output
 
 
+def test_an_exception_message_cannot_carry_a_frame(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
+    import base64
+
+    import common.stages
+
+    payload = base64.b64encode(_frame().numpy().tobytes() * 16).decode()  # ~87 KB of "frame"
+
+    def leaky(*args, **kwargs):
+        raise RuntimeError(f"failed\n{payload}")
+
+    monkeypatch.setattr(common.stages, "pretrain", leaky)
+    run = tmp_path / "run"
+    with pytest.raises(WorkflowError) as err:
+        run_server(server_app, _grid(_experiment(tmp_path, "leaky-error"), run, sites_root))
+    assert "RuntimeError: failed" in str(err.value) and payload[:40] not in str(err.value)
+    failed = (run / "FAILED.json").read_text()
+    assert "RuntimeError: failed" in failed and len(failed) < 2 * contract.MAX_REASON + 400
+    assert payload[:40] not in (run / "ledger.jsonl").read_text()
+    site = run / "sites" / "telemed"
+    assert payload[:40] not in (site / "ledger.jsonl").read_text()
+    assert payload in (site / "errors.log").read_text()  # the whole traceback stays at the site
+
+
+def test_the_server_bounds_the_reason_of_a_guardless_sites_error(
+    tmp_path, sites_root, flower_identity
+):
+    from flwr.app import Error, Message
+
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "guardless-error"), run, sites_root)
+    handle = grid._handle
+
+    def modified_app(msg):
+        if msg.metadata.message_type != contract.TRAIN_PRETRAIN:
+            return handle(msg)
+        return Message(Error(code=1, reason="x" * 100_000), reply_to=msg)
+
+    grid._handle = modified_app
+    with pytest.raises(WorkflowError) as err:
+        run_server(server_app, grid)
+    assert len(str(err.value)) < contract.MAX_REASON + 200
+    assert "x" * (contract.MAX_REASON + 1) not in (run / "ledger.jsonl").read_text()
+
+
 # ------------------------------------------------------------------ the check itself
 def _reply(**records) -> list[dict]:
     """A described reply from a site that evaluated or trained on 3 images, plus ``records``."""

@@ -117,10 +117,24 @@ ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
 MAX_METRIC_KEYS = 256  # keys per MetricRecord
 MAX_CARD_KEYS = 32  # keys in a site card (an honest one has 15)
 MAX_STR = 128  # characters per key name, and per config string in a reply
+MAX_REASON = 200  # characters of an error reply's reason (the traceback stays at the site)
 
 
 class ContractViolation(RuntimeError):
     """A message carries something the wire contract or the model schema does not allow."""
+
+
+def bounded_reason(text: str) -> str:
+    """An error reason as it may cross: its first line, printable ASCII only, at most
+    :data:`MAX_REASON` characters (a frame must not ride in an exception message)."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in line)
+    return clean if len(clean) <= MAX_REASON else clean[: MAX_REASON - 1] + "…"
+
+
+def error_reason(err: BaseException) -> str:
+    """The reason a site sends for a failure: the exception's type and bounded message."""
+    return bounded_reason(f"{type(err).__name__}: {err}")
 
 
 def record_type(name: str) -> str | None:

@@ -9,13 +9,15 @@ ledger keeps what was blocked, for the site's own investigation.
 
 from __future__ import annotations
 
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message
 
-from common.fl.contract import QUERY_SITE, ContractViolation, check
+from common.fl.contract import QUERY_SITE, ContractViolation, check, error_reason
 from common.fl.describe import describe
 from common.fl.ledger import LEDGER_NAME, SITE, Ledger, code_digest, message_entry, phase_of
 from common.fl.schema import experiment_of
@@ -26,6 +28,23 @@ class SiteInfo:
     name: str
     role: str
     out_dir: Path
+
+
+ERROR_LOG = "errors.log"  # full tracebacks, at the site only
+
+
+class SiteFailure(RuntimeError):
+    """What a failing handler becomes on the wire: a short, bounded reason (the exception's type
+    and first line, ``contract.error_reason``); the traceback is in the site's ``errors.log``."""
+
+
+def _log_traceback(site: SiteInfo | None, mtype: str, reason: str) -> None:
+    if site is None:
+        return
+    site.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(site.out_dir / ERROR_LOG, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {mtype}: {reason}\n")
+        f.write(traceback.format_exc())
 
 
 class Guard:
@@ -86,8 +105,9 @@ class Guard:
         try:
             check("reply", mtype, site.role if site else "", records, cfg)
         except ContractViolation as err:
+            # the ledger keeps the whole finding and what was blocked; the wire gets a bound
             self._log(site, context, "out", msg, [], phase=phase, refused=str(err), blocked=records)
-            raise
+            raise ContractViolation(error_reason(err).removeprefix("ContractViolation: ")) from None
         self._log(site, context, "out", msg, records, phase=phase)
         return reply
 
@@ -111,9 +131,10 @@ class Guard:
             site = site or self.site_of(context)
             if not logged_in:
                 self._log(site, context, "in", msg, request, phase=phase)
-            error = f"{type(err).__name__}: {err}"
-            self._log(site, context, "out", msg, [], phase=phase, error=error)
-            raise
+            reason = error_reason(err)
+            _log_traceback(site, mtype, reason)
+            self._log(site, context, "out", msg, [], phase=phase, error=reason)
+            raise SiteFailure(reason) from None
         if not logged_in:
             self._log(site or self.site_of(context), context, "in", msg, request, phase=phase)
         return reply, cfg
