@@ -121,8 +121,9 @@ class Exchange:
             )
         )
 
-    def _outgoing(self, phase: str, rnd: int, job: Job, timeout: float) -> Message:
-        """The message of one job, checked against the contract and logged before it is sent."""
+    def _outgoing(self, phase: str, rnd: int, job: Job, timeout: float) -> tuple[Message, list]:
+        """The message of one job, checked against the contract and logged before it is sent;
+        with its description (what the reply is checked against)."""
         role = job.site.role if job.site else ""
         records = describe(job.content)
         check("request", job.message_type, role, records, self.cfg)
@@ -135,9 +136,11 @@ class Exchange:
             ttl=timeout + 60,
         )
         self.log_message(phase, "out", msg, job.site, records)
-        return msg
+        return msg, records
 
-    def _receive(self, phase: str, where: str, reply: Message, site: Site, max_list) -> None:
+    def _receive(
+        self, phase: str, where: str, reply: Message, site: Site, max_list, request: list[dict]
+    ) -> None:
         """Log a reply in the server ledger and apply the same contract check as the site's guard.
 
         Raises:
@@ -149,13 +152,14 @@ class Exchange:
             self.log_message(phase, "in", reply, site, records, error=reason)
             raise WorkflowError(f"{where}: {reason}")
         try:
-            check("reply", reply.metadata.message_type, site.role, records, self.cfg, max_list)
+            mtype = reply.metadata.message_type
+            check("reply", mtype, site.role, records, self.cfg, max_list, request=request)
         except ContractViolation as err:
             self.log_message(phase, "in", reply, site, records, refused=str(err))
             raise WorkflowError(f"{where}: refused reply: {err}") from None
         self.log_message(phase, "in", reply, site, records)
 
-    def _accept(self, phase: str, rnd: int, job: Job, reply: Message) -> Site:
+    def _accept(self, phase: str, rnd: int, job: Job, reply: Message, request: list) -> Site:
         """Check one reply; returns the site it came from (for discovery: the one it claims)."""
         site = job.site or Site.from_card(
             job.node_id, reply.content if reply.has_content() else None
@@ -170,7 +174,7 @@ class Exchange:
         bound = job.max_list
         if bound is None and job.message_type == EVALUATE_SEGMENT:
             bound = site.labeled("test")
-        self._receive(phase, where, reply, site, bound)
+        self._receive(phase, where, reply, site, bound, request)
         return site
 
     def round(
@@ -183,11 +187,11 @@ class Exchange:
                 answer within ``timeout`` seconds.
         """
         plog = self.phase_logs.setdefault(phase, PhaseLog())
-        pending: dict[tuple[int, str], Job] = {}
+        pending: dict[tuple[int, str], tuple[Job, list[dict]]] = {}
         outgoing = []
         for job in jobs:
-            msg = self._outgoing(phase, rnd, job, timeout)
-            pending[(job.node_id, msg.metadata.group_id)] = job
+            msg, described = self._outgoing(phase, rnd, job, timeout)
+            pending[(job.node_id, msg.metadata.group_id)] = (job, described)
             plog.bytes_sent += messages.record_bytes(job.content)
             outgoing.append(msg)
         names = ", ".join(sorted({f"{j.site.name if j.site else j.node_id}:{j.key}" for j in jobs}))
@@ -195,18 +199,16 @@ class Exchange:
         t = time.monotonic()
         out: dict[str, list[tuple[Site, RecordDict]]] = {}
         for reply in self.grid.send_and_receive(outgoing, timeout=timeout):
-            job = pending.pop((reply.metadata.src_node_id, reply.metadata.group_id), None)
-            if job is None:
+            sent = pending.pop((reply.metadata.src_node_id, reply.metadata.group_id), None)
+            if sent is None:
                 continue  # a stray reply (e.g. from an earlier attempt): ignore
-            site = self._accept(phase, rnd, job, reply)
+            job, request = sent
+            site = self._accept(phase, rnd, job, reply, request)
             plog.bytes_received += messages.record_bytes(reply.content)
             out.setdefault(job.key, []).append((site, reply.content))
         if pending:
-            missing = ", ".join(
-                sorted(
-                    f"{j.site.name if j.site else j.node_id!r} ({j.key})" for j in pending.values()
-                )
-            )
+            who = [(j.site.name if j.site else j.node_id, j.key) for j, _ in pending.values()]
+            missing = ", ".join(sorted(f"{name!r} ({key})" for name, key in who))
             raise WorkflowError(
                 f"phase {phase!r} round {rnd}: no reply within {timeout:.0f} s from site(s) "
                 f"{missing}"

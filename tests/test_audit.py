@@ -315,7 +315,7 @@ def _honest_pretrain(cfg, branch, data, out_dir, init_encoder=None, progress=Tru
     from common.stages import StageResult
 
     state = {k: v.clone() for k, v in encoder_state_dict(build_transunet(cfg.model)).items()}
-    return StageResult(state, {"loss": 0.5}, num_examples=len(data.rows))
+    return StageResult(state, {"train_loss": 0.5}, num_examples=len(data.rows))
 
 
 def _frame() -> torch.Tensor:
@@ -404,9 +404,9 @@ def test_a_frame_as_a_score_list_is_refused(
     (run / "phases.json").write_text(json.dumps(index))
     real = common.stages.evaluate
 
-    def leaky(*args, **kwargs):
+    def leaky(*args, **kwargs):  # under a name the server asked for, so only the length refuses it
         res = real(*args, **kwargs)
-        res.per_image["frame/dice"] = _frame().flatten().tolist()
+        res.per_image["lower/dice"] = _frame().flatten().tolist()
         return res
 
     monkeypatch.setattr(common.stages, "evaluate", leaky)
@@ -414,7 +414,7 @@ def test_a_frame_as_a_score_list_is_refused(
     with pytest.raises(WorkflowError) as err:
         run_server(server_app, grid)
     msg = str(err.value)
-    assert "phase 'evaluate'" in msg and "'frame/dice'" in msg and "list of 4096 numbers" in msg, (
+    assert "phase 'evaluate'" in msg and "'lower/dice'" in msg and "list of 4096 numbers" in msg, (
         msg
     )
     evaluate = [s for s in grid.log if s.message_type == contract.EVALUATE_SEGMENT]
@@ -506,16 +506,39 @@ def _metrics_reply(metrics: dict) -> list[dict]:
 SCORES_OF_3 = MetricRecord({"a/dice": [0.5, 0.6, 0.7]})
 
 
+def _asked(models=("a",), fusions=(), modes=("entropy",)) -> list[dict]:
+    """The described request a reply answers: which models and fused pairs were sent."""
+    stage = {"models": list(models), "fusions": [f"{x}+{y}" for x, y in fusions]}
+    return [
+        {"name": contract.STAGE, "type": contract.CONFIG, "config": stage},
+        {
+            "name": contract.EXPERIMENT,
+            "type": contract.CONFIG,
+            "config": {"fusion.modes": list(modes)},
+        },
+    ]
+
+
 def test_check_passes_honest_replies_and_refuses_payloads_that_could_carry_a_frame():
     cfg = load_experiment("configs/tiny.yaml")
     encoder = schema.model_schema(cfg, contract.ENCODER)
     name, (shape, dtype) = next(iter(encoder.items()))
     honest = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in encoder.items()}
     contract.check(
-        "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=ArrayRecord(honest)), cfg
+        "reply",
+        contract.TRAIN_PRETRAIN,
+        contract.TARGET,
+        _reply(encoder=ArrayRecord(honest)),
+        cfg,
+        request=_asked(),
     )
     contract.check(
-        "reply", contract.EVALUATE_SEGMENT, contract.SOURCE, _reply(scores=SCORES_OF_3), cfg
+        "reply",
+        contract.EVALUATE_SEGMENT,
+        contract.SOURCE,
+        _reply(scores=SCORES_OF_3),
+        cfg,
+        request=_asked(),
     )
     # declared shape/dtype say "parameter", the .npy payload is a frame
     forged = ArrayRecord(honest)
@@ -523,12 +546,22 @@ def test_check_passes_honest_replies_and_refuses_payloads_that_could_carry_a_fra
     forged[name] = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=big.data)
     with pytest.raises(contract.ContractViolation, match=f"array '{name}'.*payload"):
         contract.check(
-            "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=forged), cfg
+            "reply",
+            contract.TRAIN_PRETRAIN,
+            contract.TARGET,
+            _reply(encoder=forged),
+            cfg,
+            request=_asked(),
         )
     with pytest.raises(contract.ContractViolation, match="lacks 1 parameter"):
         partial = ArrayRecord({k: v for k, v in honest.items() if k != name})
         contract.check(
-            "reply", contract.TRAIN_PRETRAIN, contract.TARGET, _reply(encoder=partial), cfg
+            "reply",
+            contract.TRAIN_PRETRAIN,
+            contract.TARGET,
+            _reply(encoder=partial),
+            cfg,
+            request=_asked(),
         )
 
 
@@ -538,7 +571,7 @@ REFUSED_REPLIES = {
     "scores-over-images": (
         contract.EVALUATE_SEGMENT,
         contract.SOURCE,
-        _reply(scores=MetricRecord({"a": [0.1] * 4})),
+        _reply(scores=MetricRecord({"a/dice": [0.1] * 4})),
         None,
         "list of 4 numbers, more than the 3",
     ),
@@ -561,9 +594,31 @@ REFUSED_REPLIES = {
     "list-in-metrics": (
         contract.EVALUATE_SEGMENT,
         contract.SOURCE,
-        _metrics_reply({"px": [0.0, 1.0]}),
+        _metrics_reply({"a/dice": [0.0, 1.0]}),
         None,
         "only score vectors",
+    ),
+    # names: only those the request asked for (a model the server did not send, a new key)
+    "score-of-a-model-not-sent": (
+        contract.EVALUATE_SEGMENT,
+        contract.TARGET,
+        _reply(scores=MetricRecord({"b/dice": [0.5, 0.5, 0.5]})),
+        None,
+        "'b/dice', a name the request did not ask for",
+    ),
+    "frame-in-46-metric-names": (
+        contract.TRAIN_FINETUNE,
+        contract.SOURCE,
+        _metrics_reply({f"{i:02d}" + "x" * 89: 0.0 for i in range(46)}),
+        None,
+        "a name the request did not ask for",
+    ),
+    "unknown-card-key": (
+        contract.QUERY_SITE,
+        contract.TARGET,
+        describe(RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "note": "hi"})})),
+        None,
+        "'note', a name the request did not ask for",
     ),
     # a frame spelled out in metric names
     "frame-as-metric-name": (
@@ -577,10 +632,10 @@ REFUSED_REPLIES = {
         contract.QUERY_SITE,
         contract.TARGET,
         describe(
-            RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "blob": b"\0" * 4096})})
+            RecordDict({contract.SITE_CARD: ConfigRecord({"name": "x", "device": b"\0" * 4096})})
         ),
         None,
-        "'blob' is not a short scalar",
+        "'device' is not a short scalar",
     ),
 }
 
@@ -595,7 +650,9 @@ def test_check_refuses_metrics_and_cards_that_could_carry_a_frame(
 ):
     cfg = load_experiment("configs/tiny.yaml")
     with pytest.raises(contract.ContractViolation, match=match):
-        contract.check("reply", message_type, role, records, cfg, max_list=max_list)
+        contract.check(
+            "reply", message_type, role, records, cfg, max_list=max_list, request=_asked()
+        )
 
 
 def test_ledger_chains_each_entry_to_the_previous_one(tmp_path):

@@ -31,7 +31,7 @@ def test_every_reply_table_entry_names_known_records():
 
 
 def _check_reply(message_type: str, role: str, content: RecordDict) -> None:
-    contract.check("reply", message_type, role, describe(content), None)
+    contract.check("reply", message_type, role, describe(content), None, request=[])
 
 
 def test_reply_with_a_record_not_in_the_table_is_refused():

@@ -116,11 +116,12 @@ def _is_request(e: dict) -> bool:
 
 
 def _request_key(e: dict) -> tuple:
-    """What pairs a reply with its request when the ledger has no message ids."""
-    node = None
+    """What pairs a reply with its request when the ledger has no message ids: at the server the
+    node (a discovery request goes out before the node's site is known), at a site its name."""
     if e.get("party") == SERVER:
         node = e["dst_node"] if _is_request(e) else e["src_node"]
-    return (e.get("site"), e.get("group_id"), e.get("message_type"), node)
+        return (None, e.get("group_id"), e.get("message_type"), node)
+    return (e.get("site"), e.get("group_id"), e.get("message_type"), None)
 
 
 def _party_label(e: dict) -> str:
@@ -154,7 +155,10 @@ def _check_reply(e: dict, request: dict | None, where: str, rep: AuditReport) ->
         )
         return
     if e.get("records"):
-        check("reply", e["message_type"], e.get("role", ""), e["records"], cfg)
+        if request is None:
+            raise ContractViolation("a reply to no request in this ledger")
+        mtype, role = e["message_type"], e.get("role", "")
+        check("reply", mtype, role, e["records"], cfg, request=request.get("records", []))
 
 
 def _check_ledger(lf: LedgerFile, rep: AuditReport) -> None:

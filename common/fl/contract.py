@@ -120,6 +120,35 @@ MAX_STR = 128  # characters per key name, and per config string in a reply
 MAX_REASON = 200  # characters of an error reply's reason (the traceback stays at the site)
 
 
+# The names a reply's scalars may have: a site reports these and nothing else, so a name cannot
+# carry data (a new metric is added here, and to docs/audit.md).
+TRAIN_METRIC_NAMES = frozenset(
+    {
+        "steps",
+        "epochs",
+        "seconds",
+        "images_per_s",
+        "train_loss",
+        "best_val_loss",
+        "best_step",
+        "labeled_val_frames",
+        NUM_EXAMPLES,
+    }
+)
+EVAL_SCALAR_NAMES = frozenset(
+    {"n_images", "n_empty_gt", "n_videos", "n_patients", "seconds", "frames_per_s", NUM_EXAMPLES}
+)
+CARD_KEYS = frozenset(
+    {"name", "role", "device", "digest"}
+    | {
+        f"counts.{split}.{n}"
+        for split in ("train", "val", "test")
+        for n in ("patients", "videos", "frames", "labeled")
+    }
+)
+SCORE_NAMES = ("dice", "iou")
+
+
 class ContractViolation(RuntimeError):
     """A message carries something the wire contract or the model schema does not allow."""
 
@@ -267,6 +296,49 @@ def _check_config(what: str, rec: dict) -> None:
             raise ContractViolation(f"{what}: {rec['name']!r} key {k!r} is not a short scalar")
 
 
+def _stage_of(request: list[dict]) -> tuple[dict, dict]:
+    """(stage config, experiment config) of a described request (empty when absent)."""
+    stage = next((r["config"] for r in request if r["name"] == STAGE and r["type"] == CONFIG), {})
+    exp = next(
+        (r["config"] for r in request if r["name"] == EXPERIMENT and r["type"] == CONFIG), {}
+    )
+    return stage, exp
+
+
+def reply_names(message_type: str, request: list[dict]) -> dict[str, frozenset[str]]:
+    """Record name -> the names its entries may have in a reply to ``request``: fixed for
+    training and the site card; for an evaluation, ``<method>/<dice|iou>`` of exactly the models
+    and fused pairs the server sent (every fusion mode of the experiment) and the fixed scalars."""
+    if message_type == QUERY_SITE:
+        return {SITE_CARD: CARD_KEYS}
+    if message_type in (TRAIN_PRETRAIN, TRAIN_FINETUNE):
+        return {METRICS: TRAIN_METRIC_NAMES}
+    from common.arms import fusion_name
+
+    stage, exp = _stage_of(request)
+    modes = exp.get("fusion.modes", [])
+    pairs = [tuple(str(f).split("+", 1)) for f in stage.get(K_FUSIONS, []) if "+" in str(f)]
+    methods = [str(m) for m in stage.get(K_MODELS, [])]
+    methods += [fusion_name(str(mode), pair) for pair in pairs for mode in modes]
+    scores = frozenset(f"{m}/{s}" for m in methods for s in SCORE_NAMES)
+    return {
+        METRICS: EVAL_SCALAR_NAMES | scores,
+        SCORES: scores,
+        VIDEO_SCORES: scores,
+        PATIENT_SCORES: scores,
+    }
+
+
+def _check_names(what: str, rec: dict, allowed_names: frozenset[str]) -> None:
+    entries = rec["metrics"] if rec["type"] == METRIC else rec["config"]
+    for k in entries:
+        if k not in allowed_names:
+            shown = k if len(k) <= 40 else f"{k[:40]}… ({len(k)} characters)"
+            raise ContractViolation(
+                f"{what}: {rec['name']!r} carries {shown!r}, a name the request did not ask for"
+            )
+
+
 def _list_limit(records: list[dict], max_list: int | None) -> int:
     """Score vectors are at most as long as the reply's own example count (and ``max_list``)."""
     n = next((r["metrics"].get(NUM_EXAMPLES) for r in records if r["name"] == METRICS), None)
@@ -281,18 +353,31 @@ def check(
     records: list[dict],
     cfg: ExperimentConfig | None,
     max_list: int | None = None,
+    *,
+    request: list[dict] | None = None,
 ) -> None:
     """The contract, on a described message. ``kind`` is "request" or "reply"; ``role`` the site's;
     ``cfg`` the experiment of the request (weights are checked against its model); ``max_list`` an
-    outside bound on score-vector lengths (the server: the site's labeled count of the split).
+    outside bound on score-vector lengths (the server: the site's labeled count of the split);
+    ``request`` (replies: required) the described request the reply answers — every metric and
+    card name must be one it asked for (:func:`reply_names`).
 
     Raises:
         ContractViolation: naming the first record, array or metric that may not cross.
+        ValueError: a reply checked without its request (a programming error).
     """
     way = "to" if kind == "request" else "from"
     what = f"{message_type} {kind} {way} {role or '?'}"
     _check_records(what, records, allowed(kind, message_type, role))
-    limit = _list_limit(records, max_list) if kind == "reply" else 0
+    limit = 0
+    if kind == "reply":
+        if request is None:
+            raise ValueError("a reply is checked against the request it answers")
+        names = reply_names(message_type, request)
+        for rec in records:
+            if rec["name"] in names:
+                _check_names(what, rec, names[rec["name"]])
+        limit = _list_limit(records, max_list)
     for rec in records:
         if rec["type"] == ARRAY:
             _check_arrays(what, rec, cfg)

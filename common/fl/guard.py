@@ -103,7 +103,7 @@ class Guard:
             return reply
         records = describe(reply.content)
         try:
-            check("reply", mtype, site.role if site else "", records, cfg)
+            check("reply", mtype, site.role if site else "", records, cfg, request=request)
         except ContractViolation as err:
             # the ledger keeps the whole finding and what was blocked; the wire gets a bound
             self._log(site, context, "out", msg, [], phase=phase, refused=str(err), blocked=records)
