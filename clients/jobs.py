@@ -29,6 +29,12 @@ def pretrain(req: StageRequest, site: LocalSite):
     )
 
 
+def _with_own_checkpoint(cfg, site: LocalSite):
+    """The experiment with this site's own backbone checkpoint (a request never names one)."""
+    model = cfg.model.model_copy(update={"checkpoint": site.checkpoint or None})
+    return cfg.model_copy(update={"model": model})
+
+
 def finetune(req: StageRequest, site: LocalSite):
     """Fine-tune a TransUNet for arm ``req.arm`` from ``req.encoder`` (None = baseline), or continue
     the previous round's averaged ``req.model``. Returns ``common.stages.StageResult``."""
@@ -37,8 +43,9 @@ def finetune(req: StageRequest, site: LocalSite):
     out_dir = site.out_dir / f"finetune-{req.arm}-r{req.round}"
     data = load_data(site)
     branch = req.branch or None  # the upper bound names no branch
+    cfg = _with_own_checkpoint(req.cfg, site)
     return stages.finetune(
-        req.cfg, data, out_dir, req.encoder, req.arm, init_model=req.model, branch=branch
+        cfg, data, out_dir, req.encoder, req.arm, init_model=req.model, branch=branch
     )
 
 

@@ -2,10 +2,11 @@
 
 Facts about a site come from that site: in deployment from the SuperNode's ``--node-config``
 (``site``, ``role``, ``data-dir``, optional ``out-dir`` — default
-``$FLWR_HOME/crossprobe-outputs/<site>``); in simulation, where ``node_config`` is only
-``{partition-id, num-partitions}``, from the experiment's ``sites`` table that the server sends with
-``query.site`` (index = partition-id). The answer is kept in ``context.state`` (node-local, never
-sent), so later messages of the run know it.
+``$FLWR_HOME/crossprobe-outputs/<site>`` — and optional ``checkpoint``, a local backbone file); in
+simulation, where ``node_config`` is only ``{partition-id, num-partitions}``, from the
+experiment's ``sites`` table that the simulator sends with ``query.site`` (index =
+partition-id). The answer is kept in ``context.state`` (node-local, never sent), so later
+messages of the run know it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class LocalSite:
     role: str
     data_dir: Path
     out_dir: Path  # site-local artifacts: checkpoints, weight maps, overlays
+    checkpoint: str = ""  # this site's own local backbone checkpoint ("" = none)
 
 
 def resolve_site(
-    context: Context, federation: list[tuple[str, str, str, str]] | None = None
+    context: Context, federation: list[tuple[str, str, str, str, str]] | None = None
 ) -> LocalSite:
     """Resolve (and remember in ``context.state``) this node's site.
 
@@ -53,6 +55,7 @@ def resolve_site(
             Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "crossprobe-outputs"
         )
         out = Path(str(nc.get("out-dir", default_out / name))) / f"run-{context.run_id}"
+        checkpoint = str(nc.get("checkpoint", ""))
     elif "partition-id" in nc and federation:  # simulation: the experiment's sites[partition-id]
         pid = int(nc["partition-id"])
         if pid >= len(federation):
@@ -60,12 +63,13 @@ def resolve_site(
                 f"partition-id {pid} has no site: the experiment lists {len(federation)} site(s); "
                 "run the simulation with num-supernodes equal to the number of sites"
             )
-        name, role, dd, od = federation[pid]
+        name, role, dd, od, checkpoint = federation[pid]
         data_dir, out = Path(dd), Path(od)
     elif _STATE in context.state.config_records:
         rec = context.state.config_records[_STATE]
         name, role = str(rec["name"]), str(rec["role"])
         data_dir, out = Path(str(rec["data-dir"])), Path(str(rec["out-dir"]))
+        checkpoint = str(rec["checkpoint"])
     else:
         raise SiteSetupError(
             "this SuperNode does not know its site: start it with "
@@ -74,9 +78,15 @@ def resolve_site(
     if role not in ROLES:
         raise SiteSetupError(f"site {name!r}: role must be one of {ROLES} (got {role!r})")
     context.state[_STATE] = ConfigRecord(
-        {"name": name, "role": role, "data-dir": str(data_dir), "out-dir": str(out)}
+        {
+            "name": name,
+            "role": role,
+            "data-dir": str(data_dir),
+            "out-dir": str(out),
+            "checkpoint": str(checkpoint),
+        }
     )
-    return LocalSite(name, role, data_dir, out)
+    return LocalSite(name, role, data_dir, out, str(checkpoint))
 
 
 def known_site(context: Context):

@@ -129,7 +129,10 @@ class Workflow:
             if s.role in roles
         )
         before = self.inputs(PHASES[PHASES.index(phase) - 1]) if phase != PRETRAIN else ""
-        return fingerprint(json.dumps(used, sort_keys=True), study, json.dumps(data), before)
+        checkpoint = self.cfg.model.checkpoint or ""  # not on the wire, but it shapes the result
+        return fingerprint(
+            json.dumps(used, sort_keys=True), study, json.dumps(data), before, checkpoint
+        )
 
     def pretrain_arms(self) -> list[tuple[str, str, ExperimentConfig]]:
         """(key, branch, experiment) of every pretraining job: the built-in branches (key = branch),
@@ -236,8 +239,15 @@ class Workflow:
         t = time.monotonic()
         nodes = self._wait_for_nodes()
         self.log(f"discover: {len(nodes)} node(s)")
+        checkpoint = self.cfg.model.checkpoint or ""  # simulated sites share the experiment's
         table = [
-            (s.name, s.role, str(self._data_dir(s)), str(self.s.run_dir / "sites" / s.name))
+            (
+                s.name,
+                s.role,
+                str(self._data_dir(s)),
+                str(self.s.run_dir / "sites" / s.name),
+                checkpoint,
+            )
             for s in self.cfg.sites
         ]
         jobs = [Job(n, QUERY_SITE, str(n), messages.pack_query(table)) for n in nodes]

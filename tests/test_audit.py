@@ -489,6 +489,58 @@ def test_the_server_bounds_the_reason_of_a_guardless_sites_error(
     assert "x" * (contract.MAX_REASON + 1) not in (run / "ledger.jsonl").read_text()
 
 
+@pytest.mark.parametrize("path", ["/etc/hostname", "/no/such/file.pth"])
+def test_a_server_cannot_make_a_site_open_a_path(tmp_path, sites_root, flower_identity, path):
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "probe"), run, sites_root)
+    push = grid.push_messages
+
+    def hostile(messages):  # a server that names a file on the site's disk, past its own check
+        for msg in messages:
+            if contract.EXPERIMENT in msg.content:
+                msg.content.config_records[contract.EXPERIMENT]["model.checkpoint"] = path
+        return push(messages)
+
+    grid.push_messages = hostile
+    _record_reads(grid)
+    _Reads.seen, _Reads.active = [], True
+    try:
+        with pytest.raises(WorkflowError) as err:
+            run_server(server_app, grid)
+    finally:
+        _Reads.active = False
+    msg = str(err.value)
+    assert "model.checkpoint names a file on the site's disk" in msg and path not in msg
+    assert not [p for node, p in _Reads.seen if node is not None and p == path]
+
+
+def test_a_site_uses_its_own_checkpoint(tmp_path, sites_root, flower_identity, monkeypatch):
+    import common.stages
+
+    seen = {}
+    real = common.stages.finetune
+
+    def spy(cfg, site, out_dir, encoder, arm, **kw):
+        seen[arm] = cfg.model.checkpoint
+        return real(
+            cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": None})}),
+            site,
+            out_dir,
+            encoder,
+            arm,
+            **kw,
+        )
+
+    monkeypatch.setattr(common.stages, "finetune", spy)
+    exp = _experiment(tmp_path, "own-checkpoint")
+    cfg = load_experiment(exp)
+    model = cfg.model.model_copy(update={"checkpoint": str(tmp_path / "backbone.pth")})
+    exp.write_text(dump_experiment(cfg.model_copy(update={"model": model})))
+    run_server(server_app, _grid(exp, tmp_path / "run", sites_root))
+    assert seen and set(seen.values()) == {str(tmp_path / "backbone.pth")}
+    assert '"model.checkpoint"' not in (tmp_path / "run" / "ledger.jsonl").read_text()
+
+
 # ------------------------------------------------------------------ the check itself
 def _reply(**records) -> list[dict]:
     """A described reply from a site that evaluated or trained on 3 images, plus ``records``."""

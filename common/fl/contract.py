@@ -71,6 +71,7 @@ K_NAMES = "names"
 K_ROLES = "roles"
 K_DATA_DIRS = "data-dirs"
 K_OUT_DIRS = "out-dirs"
+K_CHECKPOINTS = "checkpoints"  # each simulated site's own local backbone checkpoint ("" = none)
 # Keys of the SITE_CARD record.
 K_NAME = "name"
 K_ROLE = "role"
@@ -112,6 +113,10 @@ ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
     (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
     (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
 }
+
+# Experiment keys that would name a file on the site's disk: a site opens only files its own
+# configuration names (--node-config, or the simulator's site table), never one a request names.
+SITE_PATH_KEYS = frozenset({"model.checkpoint"})
 
 # Bounds for what may ride in scalar records (a frame must not fit through them).
 MAX_METRIC_KEYS = 256  # keys per MetricRecord
@@ -339,6 +344,17 @@ def _check_names(what: str, rec: dict, allowed_names: frozenset[str]) -> None:
             )
 
 
+def _check_no_paths(what: str, records: list[dict]) -> None:
+    for rec in records:
+        if rec["name"] == EXPERIMENT and rec["type"] == CONFIG:
+            named = sorted(SITE_PATH_KEYS & set(rec["config"]))
+            if named:
+                raise ContractViolation(
+                    f"{what}: {named[0]} names a file on the site's disk; a site's checkpoint is "
+                    "configured at the site (--node-config checkpoint=...)"
+                )
+
+
 def _list_limit(records: list[dict], max_list: int | None) -> int:
     """Score vectors are at most as long as the reply's own example count (and ``max_list``)."""
     n = next((r["metrics"].get(NUM_EXAMPLES) for r in records if r["name"] == METRICS), None)
@@ -369,6 +385,8 @@ def check(
     way = "to" if kind == "request" else "from"
     what = f"{message_type} {kind} {way} {role or '?'}"
     _check_records(what, records, allowed(kind, message_type, role))
+    if kind == "request":
+        _check_no_paths(what, records)
     limit = 0
     if kind == "reply":
         if request is None:

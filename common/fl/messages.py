@@ -22,6 +22,7 @@ from common.fl.contract import (
     FEDERATION,
     K_ARM,
     K_BRANCH,
+    K_CHECKPOINTS,
     K_DATA_DIRS,
     K_FUSIONS,
     K_MODELS,
@@ -61,12 +62,15 @@ def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def flatten_experiment(cfg: ExperimentConfig) -> ConfigRecord:
-    """The experiment as dotted keys (``simmim.optim.lr``), without the federation's ``sites`` and
-    the server-side ``study`` (a variant arm is sent as its own, already-applied experiment).
+    """The experiment as dotted keys (``simmim.optim.lr``), without the federation's ``sites``, the
+    server-side ``study`` (a variant arm is sent as its own, already-applied experiment) and
+    ``model.checkpoint`` (a path: each site uses its own, see ``contract.SITE_PATH_KEYS``).
 
     ``None`` values are left out (ConfigRecord has no null; every optional key defaults to None).
     """
-    data = cfg.model_dump(mode="json", exclude={"sites", "study"})
+    data = cfg.model_dump(
+        mode="json", exclude={"sites": True, "study": True, "model": {"checkpoint"}}
+    )
     flat = flatten_dict(data)
     return ConfigRecord({k: _to_wire(v) for k, v in flat.items() if v is not None})
 
@@ -103,23 +107,26 @@ def _state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def pack_query(table: list[tuple[str, str, str, str]]) -> RecordDict:
-    """query.site request: the simulation's partition table, one (name, role, data dir, output dir)
-    per partition-id. Deployed SuperNodes ignore it (their site comes from ``--node-config``)."""
-    cols = list(zip(*table, strict=True)) if table else [(), (), (), ()]
-    keys = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS)
+_TABLE_KEYS = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS, K_CHECKPOINTS)
+
+
+def pack_query(table: list[tuple[str, str, str, str, str]]) -> RecordDict:
+    """query.site request: the simulation's partition table, one (name, role, data dir, output dir,
+    local checkpoint or "") per partition-id. Deployed SuperNodes ignore it (their site comes from
+    ``--node-config``)."""
+    cols = list(zip(*table, strict=True)) if table else [()] * len(_TABLE_KEYS)
+    keys = _TABLE_KEYS
     return RecordDict(
         {FEDERATION: ConfigRecord({k: list(c) for k, c in zip(keys, cols, strict=True)})}
     )
 
 
-def unpack_federation(content: RecordDict) -> list[tuple[str, str, str, str]]:
-    """(name, role, data dir, output dir) per partition-id from a query.site request."""
+def unpack_federation(content: RecordDict) -> list[tuple[str, str, str, str, str]]:
+    """(name, role, data dir, output dir, checkpoint) per partition-id from a query.site request."""
     rec = content.config_records.get(FEDERATION) if FEDERATION in content else None
     if rec is None:
         return []
-    keys = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS)
-    return list(zip(*(rec[k] for k in keys), strict=True))
+    return list(zip(*(rec[k] for k in _TABLE_KEYS), strict=True))
 
 
 def pack_request(
