@@ -358,6 +358,14 @@ SMUGGLERS = {
         ),
         "array 'pos_embed' in 'encoder' is [1, 64, 64] float32, the model parameter is",
     ),
+    # not a frame, but weights a source would fine-tune from and be blamed for
+    "diverged weights": (
+        lambda mp: mp.setattr(
+            "common.stages.pretrain",
+            _smuggle_state(lambda s: next(iter(s.values())).view(-1)[:3].fill_(float("nan"))),
+        ),
+        "holds 3 non-finite value(s)",
+    ),
 }
 
 

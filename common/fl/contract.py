@@ -247,6 +247,11 @@ def _check_arrays(what: str, rec: dict, cfg: ExperimentConfig | None) -> None:
             )
         if "payload" in a:
             raise ContractViolation(f"{what}: array {k!r} in {rec['name']!r}: {a['payload']}")
+        if a.get("nonfinite"):
+            raise ContractViolation(
+                f"{what}: array {k!r} in {rec['name']!r} holds {a['nonfinite']} non-finite "
+                "value(s) (NaN or inf): the sender's training diverged"
+            )
     missing = sorted(set(schema) - set(arrays))
     if missing:
         raise ContractViolation(

@@ -2,7 +2,8 @@
 
 For each array: its name, shape, dtype, payload bytes and the SHA-256 of the bytes that cross
 (hashed once, from the ``Array.data`` buffer itself), plus a ``payload`` note when the ``.npy``
-bytes are not exactly the declared array. For config records: keys and values. For metric records:
+bytes are not exactly the declared array and a ``nonfinite`` count when a float array holds NaN
+or ±inf. For config records: keys and values. For metric records:
 names, scalar values and list lengths (never the list values: those stay in the run's results).
 """
 
@@ -59,6 +60,14 @@ def _payload_problem(arr: Array, shape: list[int], dtype: str) -> tuple[str, int
     return "", header
 
 
+def _count_nonfinite(data: bytes, dtype: str, header: int, chunk: int = 1 << 20) -> int:
+    """NaN and ±inf in a float payload, read in place a chunk at a time (no full-size copy)."""
+    if np.dtype(dtype).kind != "f":
+        return 0
+    view = np.frombuffer(data, dtype=np.dtype(dtype), offset=header)
+    return sum(int((~np.isfinite(view[i : i + chunk])).sum()) for i in range(0, view.size, chunk))
+
+
 def describe_array(name: str, arr: Array) -> dict:
     """One array as the ledger records it. ``bytes`` is the payload size after the .npy header,
     ``sha256`` covers ``Array.data`` exactly as it crosses (header included), hashed in place."""
@@ -70,6 +79,8 @@ def describe_array(name: str, arr: Array) -> dict:
     problem, header = _payload_problem(arr, out["shape"], out["dtype"])
     if problem:
         out["payload"] = problem
+    elif nonfinite := _count_nonfinite(arr.data, out["dtype"], header):
+        out["nonfinite"] = nonfinite
     out["bytes"] = len(arr.data) - header
     out["sha256"] = hashlib.sha256(arr.data).hexdigest()
     return out
