@@ -224,8 +224,14 @@ _MESSAGE_FIELDS = {
 }
 
 
+_CHAIN_FIELDS = {"seq": int, "prev": str, "hash": str}
+
+
 def _shape_problem(entry: dict) -> str:
-    """What a writer never leaves out of a message entry, or "" when it is all there."""
+    """What a writer never leaves out of an entry, or "" when it is all there."""
+    for key, kind in _CHAIN_FIELDS.items():
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            return f"field {key!r} is missing or not a {kind.__name__}"
     if entry.get("event") != "message":
         return ""
     for key, kind in _MESSAGE_FIELDS.items():
