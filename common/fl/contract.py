@@ -151,7 +151,7 @@ CARD_KEYS = frozenset(
         for n in ("patients", "videos", "frames", "labeled")
     }
 )
-SCORE_NAMES = ("dice", "iou")
+SCORE_NAMES = ("dice", "iou")  # = common.metrics.SCORES (not imported: that module needs torch)
 
 
 class ContractViolation(RuntimeError):
@@ -326,9 +326,13 @@ def reply_names(message_type: str, request: list[dict]) -> dict[str, frozenset[s
     from common.arms import fusion_name
 
     stage, exp = _stage_of(request)
-    modes = exp.get("fusion.modes", [])
-    pairs = [tuple(str(f).split("+", 1)) for f in stage.get(K_FUSIONS, []) if "+" in str(f)]
-    methods = [str(m) for m in stage.get(K_MODELS, [])]
+
+    def listed(v: Any) -> list:
+        return v if isinstance(v, list) else []
+
+    modes = listed(exp.get("fusion.modes"))
+    pairs = [tuple(str(f).split("+", 1)) for f in listed(stage.get(K_FUSIONS)) if "+" in str(f)]
+    methods = [str(m) for m in listed(stage.get(K_MODELS))]
     methods += [fusion_name(str(mode), pair) for pair in pairs for mode in modes]
     scores = frozenset(f"{m}/{s}" for m in methods for s in SCORE_NAMES)
     return {
