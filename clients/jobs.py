@@ -9,6 +9,10 @@ from clients.site import LocalSite, load_data
 from common.fl.messages import StageRequest
 
 
+class EvaluationTooLarge(RuntimeError):
+    """The site has more labeled frames in the split than the server asked it to score."""
+
+
 def pretrain(req: StageRequest, site: LocalSite):
     """Pretrain ``req.branch`` (simmim | contrastive | simclr), continuing ``req.encoder`` if given.
 
@@ -56,7 +60,12 @@ def evaluate(req: StageRequest, site: LocalSite):
     """
     from common import stages
 
+    data = load_data(site)
+    labeled = data.card()["counts"].get(req.split, {}).get("labeled", 0)
+    if labeled > req.max_frames:  # every score vector is bounded by what the server asked for
+        raise EvaluationTooLarge(
+            f"site {site.name!r} has {labeled} labeled {req.split} frames; the server asked to "
+            f"score at most {req.max_frames} (its run config max-eval-frames)"
+        )
     out_dir = site.out_dir / f"evaluate-{req.split}"  # one folder per split: the last run's figures
-    return stages.evaluate(
-        req.cfg, load_data(site), out_dir, req.models, req.fusions, split=req.split
-    )
+    return stages.evaluate(req.cfg, data, out_dir, req.models, req.fusions, split=req.split)

@@ -2,7 +2,8 @@
 
 Facts about a site come from that site: in deployment from the SuperNode's ``--node-config``
 (``site``, ``role``, ``data-dir``, optional ``out-dir`` — default
-``$FLWR_HOME/crossprobe-outputs/<site>`` — and optional ``checkpoint``, a local backbone file); in
+``$FLWR_HOME/crossprobe-outputs/<site>`` — optional ``checkpoint``, a local backbone file, and
+``signing-key``, the private key the site signs its replies with: its SuperNode key); in
 simulation, where ``node_config`` is only ``{partition-id, num-partitions}``, from the
 experiment's ``sites`` table that the simulator sends with ``query.site`` (index =
 partition-id). The answer is kept in ``context.state`` (node-local, never sent), so later
@@ -34,11 +35,10 @@ class LocalSite:
     data_dir: Path
     out_dir: Path  # site-local artifacts: checkpoints, weight maps, overlays
     checkpoint: str = ""  # this site's own local backbone checkpoint ("" = none)
+    signing_key: str = ""  # this site's private key file ("" = none: it cannot reply)
 
 
-def resolve_site(
-    context: Context, federation: list[tuple[str, str, str, str, str]] | None = None
-) -> LocalSite:
+def resolve_site(context: Context, federation: list[tuple[str, ...]] | None = None) -> LocalSite:
     """Resolve (and remember in ``context.state``) this node's site.
 
     Raises:
@@ -56,6 +56,7 @@ def resolve_site(
         )
         out = Path(str(nc.get("out-dir", default_out / name))) / f"run-{context.run_id}"
         checkpoint = str(nc.get("checkpoint", ""))
+        signing_key = str(nc.get("signing-key", ""))
     elif "partition-id" in nc and federation:  # simulation: the experiment's sites[partition-id]
         pid = int(nc["partition-id"])
         if pid >= len(federation):
@@ -63,13 +64,13 @@ def resolve_site(
                 f"partition-id {pid} has no site: the experiment lists {len(federation)} site(s); "
                 "run the simulation with num-supernodes equal to the number of sites"
             )
-        name, role, dd, od, checkpoint = federation[pid]
+        name, role, dd, od, checkpoint, signing_key = federation[pid]
         data_dir, out = Path(dd), Path(od)
     elif _STATE in context.state.config_records:
         rec = context.state.config_records[_STATE]
         name, role = str(rec["name"]), str(rec["role"])
         data_dir, out = Path(str(rec["data-dir"])), Path(str(rec["out-dir"]))
-        checkpoint = str(rec["checkpoint"])
+        checkpoint, signing_key = str(rec["checkpoint"]), str(rec["signing-key"])
     else:
         raise SiteSetupError(
             "this SuperNode does not know its site: start it with "
@@ -84,9 +85,10 @@ def resolve_site(
             "data-dir": str(data_dir),
             "out-dir": str(out),
             "checkpoint": str(checkpoint),
+            "signing-key": str(signing_key),
         }
     )
-    return LocalSite(name, role, data_dir, out, str(checkpoint))
+    return LocalSite(name, role, data_dir, out, str(checkpoint), str(signing_key))
 
 
 def known_site(context: Context):
@@ -98,7 +100,7 @@ def known_site(context: Context):
         site = resolve_site(context)
     except SiteSetupError:
         return None
-    return SiteInfo(site.name, site.role, site.out_dir)
+    return SiteInfo(site.name, site.role, site.out_dir, site.signing_key)
 
 
 def load_data(site: LocalSite):

@@ -25,6 +25,8 @@ from typing import Annotated
 
 import typer
 
+from common.fl.signing import new_keypair
+
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 NODE_KEY, NODE_PUB = "supernode.key", "supernode.pub"
@@ -136,17 +138,6 @@ def _load_or_make_ca(ca_dir: Path, days: int):
     return c, k, True
 
 
-def node_keypair() -> tuple[bytes, bytes]:
-    """(private OpenSSH PEM, public OpenSSH line) of a new ECDSA P-384 SuperNode key."""
-    from cryptography.hazmat.primitives import serialization as s
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    k = ec.generate_private_key(ec.SECP384R1())
-    priv = k.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption())
-    pub = k.public_key().public_bytes(s.Encoding.OpenSSH, s.PublicFormat.OpenSSH)
-    return priv, pub + b"\n"
-
-
 def runtime_hosts(site: str) -> list[str]:
     """Names the site's executor may use for its SuperNode: compose service names and loopback."""
     return ["supernode", f"supernode-{site}", "localhost", "127.0.0.1"]
@@ -193,7 +184,7 @@ def make_certs(
         if new_ca or not (d / CA_CERT).is_file():
             put(d / CA_CERT, ca_pem)
         if not ((d / NODE_KEY).is_file() and (d / NODE_PUB).is_file()):
-            priv, pub = node_keypair()
+            priv, pub = new_keypair()
             put(d / NODE_KEY, priv, private=True)
             put(d / NODE_PUB, pub)
         if new_ca or not ((d / RUNTIME_CERT).is_file() and (d / RUNTIME_KEY).is_file()):

@@ -6,7 +6,10 @@ written — overridable with ``flwr run --run-config``): ``experiment`` (YAML; r
 against the app folder), ``run-dir`` (results, phases, report; "" = ``runs/<experiment name>``),
 ``sites-root`` (simulated site data; "" = ``<run-dir>/data``), ``timeout-query`` /
 ``timeout-train`` / ``timeout-evaluate`` (seconds per round), ``node-wait`` (seconds to wait for
-the nodes), ``min-nodes`` (0 = one per site of the experiment).
+the nodes), ``min-nodes`` (0 = one per site of the experiment), ``site-keys`` (the folder of each
+site's registered public key ``<site>.pub``, against which every reply's signature is verified;
+"" = ``<run-dir>/keys``, where the simulator makes them), ``max-eval-frames`` (the most labeled
+frames a site is asked to score per split: the server's own bound on every score vector).
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ def settings_from(run_config: dict, cfg: ExperimentConfig) -> Settings:
     cwd = Path.cwd()
     run_dir = _path(_setting(run_config, "run-dir") or f"runs/{cfg.name}", cwd)
     sites_root = _path(_setting(run_config, "sites-root") or run_dir / "data", cwd)
+    site_keys = _path(_setting(run_config, "site-keys") or run_dir / "keys", cwd)
+    max_eval_frames = _setting(run_config, "max-eval-frames")
+    if (
+        not isinstance(max_eval_frames, int)
+        or isinstance(max_eval_frames, bool)
+        or (max_eval_frames < 1)
+    ):
+        raise ConfigError(f"run config max-eval-frames = {max_eval_frames!r}: a whole number ≥ 1")
     return Settings(
         run_dir=run_dir,
         sites_root=sites_root,
@@ -60,6 +71,8 @@ def settings_from(run_config: dict, cfg: ExperimentConfig) -> Settings:
         timeout_evaluate=float(_setting(run_config, "timeout-evaluate")),
         node_wait=float(_setting(run_config, "node-wait")),
         min_nodes=int(_setting(run_config, "min-nodes")),
+        site_keys=site_keys,
+        max_eval_frames=max_eval_frames,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ExperimentConfig
-from common.fl import messages
+from common.fl import messages, signing
 from common.fl.contract import (
     EVALUATE_SEGMENT,
     K_NAME,
     K_ROLE,
+    K_VALUE,
     METRICS,
     NUM_EXAMPLES,
+    SIGNATURE,
     SITE_CARD,
     ContractViolation,
     bounded_reason,
@@ -36,6 +39,10 @@ from common.fl.ledger import SERVER, Ledger, message_entry
 
 class WorkflowError(RuntimeError):
     """The run cannot go on; the message names the phase and, where one is to blame, the site."""
+
+
+class Unverified(Exception):
+    """A reply whose signature is missing or does not verify against the site's registered key."""
 
 
 @dataclass
@@ -78,6 +85,16 @@ class Job:
 
 
 @dataclass
+class Sent:
+    """A message as it went out: the job, its description, and the digest its reply signs."""
+
+    msg: Message
+    job: Job
+    records: list[dict]
+    digest: str
+
+
+@dataclass
 class PhaseLog:
     seconds: float = 0.0
     bytes_sent: int = 0
@@ -100,8 +117,10 @@ class Exchange:
         ledger: Ledger,
         run_id: int | None,
         log: Callable[[str], None],
+        site_keys: Path,
     ):
         self.grid, self.cfg, self.ledger, self.run_id, self.log = grid, cfg, ledger, run_id, log
+        self.site_keys = Path(site_keys)
         self.phase_logs: dict[str, PhaseLog] = {}
 
     def log_message(
@@ -121,9 +140,8 @@ class Exchange:
             )
         )
 
-    def _outgoing(self, phase: str, rnd: int, job: Job, timeout: float) -> tuple[Message, list]:
-        """The message of one job, checked against the contract and logged before it is sent;
-        with its description (what the reply is checked against)."""
+    def _outgoing(self, phase: str, rnd: int, job: Job, timeout: float) -> Sent:
+        """The message of one job, checked against the contract and logged before it is sent."""
         role = job.site.role if job.site else ""
         records = describe(job.content)
         check("request", job.message_type, role, records, self.cfg)
@@ -136,15 +154,46 @@ class Exchange:
             ttl=timeout + 60,
         )
         self.log_message(phase, "out", msg, job.site, records)
-        return msg, records
+        return Sent(msg, job, records, signing.digest(records))
 
-    def _receive(
-        self, phase: str, where: str, reply: Message, site: Site, max_list, request: list[dict]
-    ) -> None:
-        """Log a reply in the server ledger and apply the same contract check as the site's guard.
+    def _verify(self, sent: Sent, reply: Message, site: Site, records: list[dict]) -> dict:
+        """Check the site's signature of ``reply`` (answering ``sent``) against its registered key.
+
+        Returns:
+            What the ledger records of it: the signature and the key's fingerprint.
 
         Raises:
-            WorkflowError: an error reply, or a reply the contract does not allow (refused).
+            Unverified: no registered key for the site, no signature, or one that does not verify.
+        """
+        path = signing.public_key_path(self.site_keys, site.name or "?")
+        try:
+            key = signing.load_public_key(str(path))
+        except signing.SigningKeyError:
+            raise Unverified(f"site {site.name!r} has no registered public key ({path})") from None
+        rec = reply.content.config_records.get(SIGNATURE) if reply.has_content() else None
+        value = rec.get(K_VALUE) if rec is not None else None
+        md = sent.msg.metadata
+        stmt = signing.statement(
+            run_id=self.run_id,
+            node=md.dst_node_id,
+            site=site.name,
+            message_type=md.message_type,
+            group_id=md.group_id,
+            request_id=md.message_id or "",
+            request=sent.digest,
+            reply=signing.digest(records, skip=SIGNATURE),
+        )
+        if not isinstance(value, bytes) or not signing.verify(key, stmt, value):
+            what = "is not signed" if value is None else "has a signature that does not verify"
+            raise Unverified(f"the reply {what} with site {site.name!r}'s key ({path})")
+        return {"signature": value.hex(), "key": signing.fingerprint(key)}
+
+    def _receive(self, phase: str, where: str, reply: Message, site: Site, sent: Sent, bound):
+        """Verify a reply's signature, apply the same contract check as the site's guard, and log
+        it in the server ledger — before anything of it is used.
+
+        Raises:
+            WorkflowError: an error reply, an unverified reply, or one the contract does not allow.
         """
         records = describe(reply.content) if reply.has_content() else []
         if reply.has_error():  # bounded here too: a site without the guard may send anything
@@ -152,15 +201,21 @@ class Exchange:
             self.log_message(phase, "in", reply, site, records, error=reason)
             raise WorkflowError(f"{where}: {reason}")
         try:
-            mtype = reply.metadata.message_type
-            check("reply", mtype, site.role, records, self.cfg, max_list, request=request)
-        except ContractViolation as err:
-            self.log_message(phase, "in", reply, site, records, refused=str(err))
+            signed = self._verify(sent, reply, site, records)
+        except Unverified as err:
+            self.log_message(phase, "in", reply, site, records, unverified=str(err))
             raise WorkflowError(f"{where}: refused reply: {err}") from None
-        self.log_message(phase, "in", reply, site, records)
+        try:
+            mtype = reply.metadata.message_type
+            check("reply", mtype, site.role, records, self.cfg, bound, request=sent.records)
+        except ContractViolation as err:
+            self.log_message(phase, "in", reply, site, records, refused=str(err), **signed)
+            raise WorkflowError(f"{where}: refused reply: {err}") from None
+        self.log_message(phase, "in", reply, site, records, **signed)
 
-    def _accept(self, phase: str, rnd: int, job: Job, reply: Message, request: list) -> Site:
+    def _accept(self, phase: str, rnd: int, sent: Sent, reply: Message) -> Site:
         """Check one reply; returns the site it came from (for discovery: the one it claims)."""
+        job = sent.job
         site = job.site or Site.from_card(
             job.node_id, reply.content if reply.has_content() else None
         )
@@ -174,8 +229,25 @@ class Exchange:
         bound = job.max_list
         if bound is None and job.message_type == EVALUATE_SEGMENT:
             bound = site.labeled("test")
-        self._receive(phase, where, reply, site, bound, request)
+        self._receive(phase, where, reply, site, sent, bound)
         return site
+
+    def _match(self, reply: Message, pending: dict[str, Sent]) -> Sent | None:
+        """The message ``reply`` answers — by the id the grid gave it when it was pushed, and only
+        from the node it was sent to; None for a stray reply (e.g. to an earlier attempt).
+
+        Raises:
+            WorkflowError: a reply to one of this round's messages from another node.
+        """
+        sent = pending.get(reply.metadata.reply_to_message_id)
+        if sent is None:
+            return None
+        if reply.metadata.src_node_id != sent.msg.metadata.dst_node_id:
+            raise WorkflowError(
+                f"node {reply.metadata.src_node_id} answered a message sent to node "
+                f"{sent.msg.metadata.dst_node_id} ({sent.msg.metadata.group_id}): refused"
+            )
+        return pending.pop(reply.metadata.reply_to_message_id)
 
     def round(
         self, phase: str, rnd: int, rounds: int, jobs: list[Job], timeout: float
@@ -183,37 +255,37 @@ class Exchange:
         """Send all jobs in one ``send_and_receive``; return replies grouped by job key.
 
         Raises:
-            WorkflowError: a site replied with an error, sent something not allowed, or did not
-                answer within ``timeout`` seconds.
+            WorkflowError: a site replied with an error, sent something not allowed or not signed
+                by it, or did not answer within ``timeout`` seconds.
         """
         plog = self.phase_logs.setdefault(phase, PhaseLog())
-        pending: dict[tuple[int, str], tuple[Job, list[dict]]] = {}
-        outgoing = []
-        for job in jobs:
-            msg, described = self._outgoing(phase, rnd, job, timeout)
-            pending[(job.node_id, msg.metadata.group_id)] = (job, described)
-            plog.bytes_sent += messages.record_bytes(job.content)
-            outgoing.append(msg)
+        sent = [self._outgoing(phase, rnd, job, timeout) for job in jobs]
+        plog.bytes_sent += sum(messages.record_bytes(job.content) for job in jobs)
         names = ", ".join(sorted({f"{j.site.name if j.site else j.node_id}:{j.key}" for j in jobs}))
-        self.log(f"{phase} round {rnd}/{rounds}: {len(outgoing)} message(s) → {names}")
+        self.log(f"{phase} round {rnd}/{rounds}: {len(sent)} message(s) → {names}")
         t = time.monotonic()
         out: dict[str, list[tuple[Site, RecordDict]]] = {}
-        for reply in self.grid.send_and_receive(outgoing, timeout=timeout):
-            sent = pending.pop((reply.metadata.src_node_id, reply.metadata.group_id), None)
-            if sent is None:
-                continue  # a stray reply (e.g. from an earlier attempt): ignore
-            job, request = sent
-            site = self._accept(phase, rnd, job, reply, request)
+        pending: dict[str, Sent] | None = None
+        for reply in self.grid.send_and_receive([s.msg for s in sent], timeout=timeout):
+            if pending is None:  # the grid has given every pushed message its id by now
+                pending = {s.msg.metadata.message_id: s for s in sent}
+            match = self._match(reply, pending)
+            if match is None:
+                self.log(f"{phase}: ignored a reply from node {reply.metadata.src_node_id} "
+                         "to no message of this round")  # fmt: skip
+                continue
+            site = self._accept(phase, rnd, match, reply)
             plog.bytes_received += messages.record_bytes(reply.content)
-            out.setdefault(job.key, []).append((site, reply.content))
-        if pending:
-            who = [(j.site.name if j.site else j.node_id, j.key) for j, _ in pending.values()]
+            out.setdefault(match.job.key, []).append((site, reply.content))
+        left = sent if pending is None else list(pending.values())
+        if left:
+            who = [(s.job.site.name if s.job.site else s.job.node_id, s.job.key) for s in left]
             missing = ", ".join(sorted(f"{name!r} ({key})" for name, key in who))
             raise WorkflowError(
                 f"phase {phase!r} round {rnd}: no reply within {timeout:.0f} s from site(s) "
                 f"{missing}"
             )
-        plog.messages += len(outgoing)
+        plog.messages += len(sent)
         self.log(
             f"{phase} round {rnd} done in {time.monotonic() - t:.1f} s "
             f"(sent {mb(plog.bytes_sent)}, received {mb(plog.bytes_received)} so far)"

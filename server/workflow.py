@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from common import arms
 from common.config import ExperimentConfig, dump_experiment, variant_config
-from common.fl import messages
+from common.fl import messages, signing
 from common.fl.contract import (
     ENCODER,
     EVALUATE_SEGMENT,
@@ -75,6 +75,8 @@ class Settings:
     timeout_evaluate: float
     node_wait: float
     min_nodes: int  # 0 = the number of sites the experiment lists
+    site_keys: Path  # each site's registered public key, <site_keys>/<site>.pub
+    max_eval_frames: int  # the most labeled frames a site is asked to score per split
 
 
 class Workflow:
@@ -97,7 +99,7 @@ class Workflow:
         self.run_id = getattr(run, "run_id", None)
         # what crossed, hash-chained (common/fl/ledger.py); the sites keep their own
         self.ledger = Ledger(settings.run_dir / LEDGER_NAME)
-        self.exchange = Exchange(grid, cfg, self.ledger, self.run_id, self.log)
+        self.exchange = Exchange(grid, cfg, self.ledger, self.run_id, self.log, settings.site_keys)
 
     # ---------------------------------------------------------------- helpers
     def log(self, text: str) -> None:
@@ -247,6 +249,7 @@ class Workflow:
                 str(self._data_dir(s)),
                 str(self.s.run_dir / "sites" / s.name),
                 checkpoint,
+                self._simulated_key(s.name),
             )
             for s in self.cfg.sites
         ]
@@ -258,6 +261,12 @@ class Workflow:
             self.sites[site.name] = site
         self._check_sites()
         self.phase_logs[DISCOVER].seconds = time.monotonic() - t
+
+    def _simulated_key(self, site: str) -> str:
+        """A simulated site's private key, beside its public key (``signing.ensure_site_keys``);
+        "" where there is none (deployed sites sign with their own SuperNode key)."""
+        key = self.s.site_keys / f"{site}{signing.PRIVATE_SUFFIX}"
+        return str(key) if key.is_file() else ""
 
     def _data_dir(self, site_cfg) -> Path:
         return Path(site_cfg.data_dir) if site_cfg.data_dir else self.s.sites_root / site_cfg.name
@@ -376,7 +385,13 @@ class Workflow:
 
     def _evaluate_request(self, split: str, models, fusions) -> RecordDict:
         return messages.pack_request(
-            self.cfg, EVALUATE, 1, split=split, models=models, fusions=fusions
+            self.cfg,
+            EVALUATE,
+            1,
+            split=split,
+            models=models,
+            fusions=fusions,
+            max_frames=self.s.max_eval_frames,
         )
 
     def evaluate(self, models: dict[str, ArrayRecord]) -> dict[str, Any]:

@@ -319,12 +319,15 @@ def run_simulation(
 
 def _simulate(cfg, config, run_dir, sites_root, cpus_per_site, timeout, t0, say) -> dict:
     """Make the sites' data, run Flower, stop every process it started whatever happens."""
+    from common.fl.signing import ensure_site_keys
     from simulations.sites import ensure_site
 
     sites_root = Path(sites_root).resolve() if sites_root else run_dir / "data"
     for site in cfg.sites:  # each site's data in its own folder
         say(f"site {site.name} ({site.role}): data")
         say(f"site {site.name}: {ensure_site(site, cfg.model.img_size, sites_root)}")
+    # each simulated site signs its replies with its own key; the server verifies them
+    ensure_site_keys(run_dir / "keys", [site.name for site in cfg.sites])
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     env = flower_env(flwr_home)

@@ -12,6 +12,7 @@ import contextlib
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -144,6 +145,34 @@ class InProcessGrid(Grid):
         return self.pull_messages(list(self.push_messages(messages)))
 
 
+def sign_as_site(grid: InProcessGrid, request: Message, reply: Message) -> Message:
+    """Sign ``reply`` the way the guard does, with the key of the site that node is: what a
+    hostile site that runs without the guard (but holds its own key) can send."""
+    from flwr.app import ConfigRecord
+
+    from common.fl import signing
+    from common.fl.contract import K_ALG, K_VALUE, SIGNATURE
+    from common.fl.describe import describe
+
+    md = request.metadata
+    site = grid.contexts[md.dst_node_id].state.config_records["crossprobe-site"]
+    if SIGNATURE in reply.content:
+        del reply.content[SIGNATURE]
+    stmt = signing.statement(
+        run_id=RUN_ID,
+        node=md.dst_node_id,
+        site=str(site["name"]),
+        message_type=md.message_type,
+        group_id=md.group_id,
+        request_id=md.message_id,
+        request=signing.digest(describe(request.content)),
+        reply=signing.digest(describe(reply.content)),
+    )
+    key = signing.load_private_key(str(site["signing-key"]))
+    reply.content[SIGNATURE] = ConfigRecord({K_ALG: signing.ALG, K_VALUE: signing.sign(key, stmt)})
+    return reply
+
+
 def run_server(server_app: ServerApp, grid: InProcessGrid) -> None:
     """Run the ServerApp's ``main`` against ``grid`` (the run config is the grid's)."""
     server_app(grid, Context(RUN_ID, 0, {}, RecordDict(), dict(grid.run_config)))
@@ -180,4 +209,15 @@ def site_grid(client_app: ClientApp, exp, run_dir, sites_root, n: int = 2, **rc)
         **rc,
     }
     nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    simulated_keys(exp, run_dir)
     return InProcessGrid(client_app, nodes, run_config)
+
+
+def simulated_keys(exp, run_dir) -> dict:
+    """Each site of experiment ``exp`` gets its key pair in ``<run_dir>/keys``, as the simulator
+    does (``common.fl.signing.ensure_site_keys``)."""
+    from common.config import load_experiment
+    from common.fl.signing import ensure_site_keys
+
+    names = [s.name for s in load_experiment(exp).sites]
+    return ensure_site_keys(Path(run_dir) / "keys", names)

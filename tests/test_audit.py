@@ -27,7 +27,7 @@ from common.fl import audit, contract, ledger, messages, schema
 from common.fl.describe import describe
 from server.app import app as server_app
 from server.workflow import WorkflowError
-from tests.fl_harness import InProcessGrid, run_server, site_grid, task_identity
+from tests.fl_harness import InProcessGrid, run_server, sign_as_site, site_grid, task_identity
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
 
@@ -438,7 +438,7 @@ def test_the_server_refuses_what_a_guardless_site_sends(tmp_path, sites_root, fl
     def modified_app(msg):
         reply = handle(msg)
         reply.content["frames"] = ArrayRecord({"f": _frame()})
-        return reply
+        return sign_as_site(grid, msg, reply)  # the site holds its key: the signature verifies
 
     grid._handle = modified_app
     with pytest.raises(
@@ -566,9 +566,14 @@ def _metrics_reply(metrics: dict) -> list[dict]:
 SCORES_OF_3 = MetricRecord({"a/dice": [0.5, 0.6, 0.7]})
 
 
-def _asked(models=("a",), fusions=(), modes=("entropy",)) -> list[dict]:
-    """The described request a reply answers: which models and fused pairs were sent."""
-    stage = {"models": list(models), "fusions": [f"{x}+{y}" for x, y in fusions]}
+def _asked(models=("a",), fusions=(), modes=("entropy",), max_frames=100) -> list[dict]:
+    """The described request a reply answers: which models and fused pairs were sent, and how
+    many frames the site was asked to score at most."""
+    stage = {
+        "models": list(models),
+        "fusions": [f"{x}+{y}" for x, y in fusions],
+        contract.K_MAX_FRAMES: max_frames,
+    }
     return [
         {"name": contract.STAGE, "type": contract.CONFIG, "config": stage},
         {

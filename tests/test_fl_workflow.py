@@ -294,15 +294,18 @@ def test_deployed_nodes_take_their_site_from_node_config(
     )
     exp, _ = _experiment(tmp_path, "deploy")
     grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    keys = tmp_path / "run" / "keys"  # each site's own key (deployment: its SuperNode key)
     grid.contexts[100].node_config = {
         "site": "telemed",
         "role": "target",
         "data-dir": str(sites_root / "telemed"),
+        "signing-key": str(keys / "telemed.key"),
     }
     grid.contexts[101].node_config = {
         "site": "lumify",
         "role": "source",
         "data-dir": str(sites_root / "lumify"),
+        "signing-key": str(keys / "lumify.key"),
     }
     with pytest.raises(WorkflowError, match="stop"):
         run_server(server_app, grid)

@@ -55,6 +55,7 @@ SCORES = "scores"  # MetricRecord: per-image score vectors "<method>/<dice|iou>"
 VIDEO_SCORES = "video-scores"  # MetricRecord: per-video mean score vectors, same keys
 PATIENT_SCORES = "patient-scores"  # MetricRecord: per-patient mean score vectors, same keys
 SCORE_RECORDS = frozenset({SCORES, VIDEO_SCORES, PATIENT_SCORES})  # the only lists that cross
+SIGNATURE = "signature"  # ConfigRecord: the site's signature of its reply (common/fl/signing.py)
 
 NUM_EXAMPLES = "num-examples"  # the weighting key for federated averaging
 
@@ -66,15 +67,20 @@ K_ARM = "arm"
 K_MODELS = "models"
 K_FUSIONS = "fusions"
 K_SPLIT = "split"
+K_MAX_FRAMES = "max-frames"  # evaluate: the most frames the server asks a site to score
 # Keys of the FEDERATION record (parallel lists, index = partition-id).
 K_NAMES = "names"
 K_ROLES = "roles"
 K_DATA_DIRS = "data-dirs"
 K_OUT_DIRS = "out-dirs"
 K_CHECKPOINTS = "checkpoints"  # each simulated site's own local backbone checkpoint ("" = none)
+K_SIGNING_KEYS = "signing-keys"  # each simulated site's private key file (simulation only)
 # Keys of the SITE_CARD record.
 K_NAME = "name"
 K_ROLE = "role"
+# Keys of the SIGNATURE record.
+K_ALG = "alg"
+K_VALUE = "value"
 
 CONFIG, ARRAY, METRIC = "ConfigRecord", "ArrayRecord", "MetricRecord"
 
@@ -90,6 +96,7 @@ RECORD_TYPES: dict[str, str] = {
     SCORES: METRIC,
     VIDEO_SCORES: METRIC,
     PATIENT_SCORES: METRIC,
+    SIGNATURE: CONFIG,
 }
 
 # (message type, addressee role) -> record names the request may carry. ``MODEL_PREFIX`` stands for
@@ -103,15 +110,17 @@ ALLOWED_REQUEST_RECORDS: dict[tuple[str, str], frozenset[str]] = {
     (EVALUATE_SEGMENT, TARGET): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
 }
 
-# (message type, sender role) -> record names the reply may carry. Nothing else crosses.
+# (message type, sender role) -> record names the reply may carry. Nothing else crosses. Every
+# reply also carries the site's SIGNATURE (added by the guard after this check passed).
+_EVAL_REPLY = frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES, SIGNATURE})
 ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
-    (QUERY_SITE, SOURCE): frozenset({SITE_CARD}),
-    (QUERY_SITE, TARGET): frozenset({SITE_CARD}),
-    (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS}),
-    (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS}),
-    (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS}),
-    (EVALUATE_SEGMENT, SOURCE): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
-    (EVALUATE_SEGMENT, TARGET): frozenset({METRICS, SCORES, VIDEO_SCORES, PATIENT_SCORES}),
+    (QUERY_SITE, SOURCE): frozenset({SITE_CARD, SIGNATURE}),
+    (QUERY_SITE, TARGET): frozenset({SITE_CARD, SIGNATURE}),
+    (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS, SIGNATURE}),
+    (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS, SIGNATURE}),
+    (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS, SIGNATURE}),
+    (EVALUATE_SEGMENT, SOURCE): _EVAL_REPLY,
+    (EVALUATE_SEGMENT, TARGET): _EVAL_REPLY,
 }
 
 # Experiment keys that would name a file on the site's disk: a site opens only files its own
@@ -152,6 +161,8 @@ CARD_KEYS = frozenset(
     }
 )
 SCORE_NAMES = ("dice", "iou")  # = common.metrics.SCORES (not imported: that module needs torch)
+SIGNATURE_ALG, SIGNATURE_BYTES = "ecdsa-p384-sha384", 96  # = common.fl.signing.ALG / its size
+NUMBER_BYTES = 8  # what one number may carry (a float64)
 
 
 class ContractViolation(RuntimeError):
@@ -264,6 +275,34 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) or v in ("nan", "inf", "-inf")
 
 
+_LIST_KEYS = frozenset({"len", "min", "max", "sha256"})  # a described number list
+
+
+def _is_score(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] in SCORE_NAMES
+
+
+def _in_unit_range(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
+def _check_list(what: str, rec: dict, k: str, v: dict, limit: int) -> None:
+    if rec["name"] not in SCORE_RECORDS:
+        raise ContractViolation(
+            f"{what}: metric {k!r} in {rec['name']!r} is a list; only score vectors may be"
+        )
+    if not isinstance(v["len"], int) or v["len"] > limit:
+        raise ContractViolation(
+            f"{what}: metric {k!r} in {rec['name']!r} is a list of {v['len']} numbers, "
+            f"more than the {limit} frame(s) the server asked for and the site evaluated"
+        )
+    if v["len"] and not (_in_unit_range(v.get("min")) and _in_unit_range(v.get("max"))):
+        raise ContractViolation(
+            f"{what}: score vector {k!r} in {rec['name']!r} has values outside [0, 1] "
+            f"(min {v.get('min')}, max {v.get('max')})"
+        )
+
+
 def _check_metrics(what: str, rec: dict, limit: int) -> None:
     metrics = rec["metrics"]
     if len(metrics) > MAX_METRIC_KEYS:
@@ -276,20 +315,30 @@ def _check_metrics(what: str, rec: dict, limit: int) -> None:
                 f"{what}: a metric name in {rec['name']!r} has {len(k)} characters"
             )
         if _is_number(v):
+            if _is_score(k) and not _in_unit_range(v):
+                raise ContractViolation(f"{what}: score {k!r} in {rec['name']!r} is {v}")
             continue
-        if isinstance(v, dict) and set(v) == {"len"}:
-            if rec["name"] not in SCORE_RECORDS:
-                raise ContractViolation(
-                    f"{what}: metric {k!r} in {rec['name']!r} is a list; only score vectors may be"
-                )
-            if v["len"] > limit:
-                raise ContractViolation(
-                    f"{what}: metric {k!r} in {rec['name']!r} is a list of {v['len']} numbers, "
-                    f"more than the {limit} evaluated image(s)"
-                )
+        if isinstance(v, dict) and "len" in v and set(v) <= _LIST_KEYS:
+            _check_list(what, rec, k, v, limit)
             continue
         raise ContractViolation(
             f"{what}: metric {k!r} in {rec['name']!r} is not a number or list of numbers ({v})"
+        )
+
+
+def _check_signature(what: str, rec: dict) -> None:
+    config = rec["config"]
+    value = config.get(K_VALUE)
+    if not (
+        set(config) == {K_ALG, K_VALUE}
+        and config[K_ALG] == SIGNATURE_ALG
+        and isinstance(value, dict)
+        and set(value) == {"bytes", "sha256"}
+        and value["bytes"] == SIGNATURE_BYTES
+    ):
+        raise ContractViolation(
+            f"{what}: {SIGNATURE!r} must be exactly {{{K_ALG}: {SIGNATURE_ALG}, "
+            f"{K_VALUE}: {SIGNATURE_BYTES} bytes}}"
         )
 
 
@@ -302,8 +351,13 @@ def _check_config(what: str, rec: dict) -> None:
     for k, v in config.items():
         if len(k) > MAX_STR:
             raise ContractViolation(f"{what}: a key in {rec['name']!r} has {len(k)} characters")
-        if isinstance(v, list | dict) or (isinstance(v, str) and len(v) > MAX_STR):
-            raise ContractViolation(f"{what}: {rec['name']!r} key {k!r} is not a short scalar")
+        if isinstance(v, list | dict) or (
+            isinstance(v, str) and (len(v) > MAX_STR or not v.isascii())
+        ):
+            raise ContractViolation(
+                f"{what}: {rec['name']!r} key {k!r} is not a short scalar (a number, or at most "
+                f"{MAX_STR} ASCII characters)"
+            )
 
 
 def _stage_of(request: list[dict]) -> tuple[dict, dict]:
@@ -364,11 +418,54 @@ def _check_no_paths(what: str, records: list[dict]) -> None:
                 )
 
 
-def _list_limit(records: list[dict], max_list: int | None) -> int:
-    """Score vectors are at most as long as the reply's own example count (and ``max_list``)."""
+def asked_frames(request: list[dict]) -> int:
+    """How many frames the request asked the site to score at most (0 = none asked)."""
+    stage, _ = _stage_of(request)
+    n = stage.get(K_MAX_FRAMES)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def _list_limit(records: list[dict], request: list[dict], max_list: int | None) -> int:
+    """Score vectors are at most as long as the frames the request asked for, the reply's own
+    example count and ``max_list`` (an outside bound: the server's count from the site's card)."""
     n = next((r["metrics"].get(NUM_EXAMPLES) for r in records if r["name"] == METRICS), None)
-    limit = int(n) if isinstance(n, int | float) and not isinstance(n, bool) and n >= 0 else 0
-    return limit if max_list is None else min(limit, max_list)
+    own = int(n) if isinstance(n, int | float) and not isinstance(n, bool) and n >= 0 else 0
+    bounds = [own, asked_frames(request)] + ([max_list] if max_list is not None else [])
+    return min(bounds)
+
+
+def _value_bytes(v: Any) -> int:
+    if isinstance(v, dict):
+        return NUMBER_BYTES * int(v["len"]) if "len" in v else int(v.get("bytes", 0))
+    if isinstance(v, str):
+        return len(v.encode())
+    if isinstance(v, list):
+        return sum(_value_bytes(x) for x in v)
+    return NUMBER_BYTES
+
+
+def non_weight_bytes(records: list[dict]) -> int:
+    """Bytes a described message carries besides declared weights: every metric and config name
+    and value (a number counts 8 bytes, a list 8 per number, a string or bytes its length)."""
+    total = 0
+    for rec in records:
+        entries = rec.get("metrics") if rec.get("type") == METRIC else rec.get("config")
+        for k, v in (entries or {}).items():
+            total += len(str(k).encode()) + _value_bytes(v)
+    return total
+
+
+def reply_capacity(message_type: str, request: list[dict], limit: int | None = None) -> int:
+    """The most non-weight bytes a reply to ``request`` may carry: every name the request allows,
+    each with the largest value the contract lets it have (a score vector as long as ``limit``,
+    default: the frames the request asked for), plus the signature."""
+    limit = asked_frames(request) if limit is None else limit
+    total = len(K_ALG) + len(SIGNATURE_ALG) + len(K_VALUE) + SIGNATURE_BYTES
+    for rec, names in reply_names(message_type, request).items():
+        value = MAX_STR if rec == SITE_CARD else NUMBER_BYTES
+        value *= limit if rec in SCORE_RECORDS else 1
+        total += sum(len(k) + value for k in names)
+    return total
 
 
 def check(
@@ -383,7 +480,8 @@ def check(
 ) -> None:
     """The contract, on a described message. ``kind`` is "request" or "reply"; ``role`` the site's;
     ``cfg`` the experiment of the request (weights are checked against its model); ``max_list`` an
-    outside bound on score-vector lengths (the server: the site's labeled count of the split);
+    outside bound on score-vector lengths (the server: the site's labeled count of the split), on
+    top of the frames the request asked for (``K_MAX_FRAMES``);
     ``request`` (replies: required) the described request the reply answers — every metric and
     card name must be one it asked for (:func:`reply_names`).
 
@@ -404,11 +502,19 @@ def check(
         for rec in records:
             if rec["name"] in names:
                 _check_names(what, rec, names[rec["name"]])
-        limit = _list_limit(records, max_list)
+        limit = _list_limit(records, request, max_list)
     for rec in records:
         if rec["type"] == ARRAY:
             _check_arrays(what, rec, cfg)
         elif kind == "reply" and rec["type"] == METRIC:
             _check_metrics(what, rec, limit)
+        elif kind == "reply" and rec["name"] == SIGNATURE:
+            _check_signature(what, rec)
         elif kind == "reply" and rec["type"] == CONFIG:
             _check_config(what, rec)
+    if kind == "reply":
+        used, budget = non_weight_bytes(records), reply_capacity(message_type, request, limit)
+        if used > budget:
+            raise ContractViolation(
+                f"{what}: {used} bytes besides weights, more than the {budget} this request allows"
+            )

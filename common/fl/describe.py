@@ -3,8 +3,8 @@
 For each array: its name, shape, dtype, payload bytes and the SHA-256 of the bytes that cross
 (hashed once, from the ``Array.data`` buffer itself), plus a ``payload`` note when the ``.npy``
 bytes are not exactly the declared array and a ``nonfinite`` count when a float array holds NaN
-or ±inf. For config records: keys and values. For metric records:
-names, scalar values and list lengths (never the list values: those stay in the run's results).
+or ±inf. For config records: keys and values. For metric records: names, scalar values and, for
+lists, their length, range and SHA-256 (never the values: those stay in the run's results).
 """
 
 from __future__ import annotations
@@ -86,10 +86,25 @@ def describe_array(name: str, arr: Array) -> dict:
     return out
 
 
+def _describe_list(v: list) -> dict:
+    """A number list by its length, range and the SHA-256 of its float64 values (the values
+    themselves stay in the run's results; the hash lets both ends and the signature cover them)."""
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        return {"len": len(v), "type": "list of non-numbers"}
+    try:
+        values = np.asarray(v, dtype=np.float64)
+    except OverflowError:
+        return {"len": len(v), "type": "list of out-of-range numbers"}
+    out: dict[str, Any] = {"len": len(v), "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+    if len(v):
+        out["min"] = _json_scalar(float(values.min()))
+        out["max"] = _json_scalar(float(values.max()))
+    return out
+
+
 def _describe_metric(v: Any) -> Any:
     if isinstance(v, list):
-        ok = all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
-        return {"len": len(v)} if ok else {"len": len(v), "type": "list of non-numbers"}
+        return _describe_list(v)
     if isinstance(v, int | float) and not isinstance(v, bool):
         return _json_scalar(v)
     return {"type": type(v).__name__}

@@ -4,7 +4,9 @@ hash-chained ledger (``<site out dir>/ledger.jsonl``).
 
 A reply that fails the check raises :class:`~common.fl.contract.ContractViolation`: Flower turns it
 into an error reply naming the violation, and nothing of the reply is uploaded (fail closed). The
-ledger keeps what was blocked, for the site's own investigation.
+ledger keeps what was blocked, for the site's own investigation. A reply that passes is signed with
+the site's own key (``common/fl/signing.py``) before it leaves; a site without a usable key sends
+nothing but an error.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
-from common.fl.contract import QUERY_SITE, ContractViolation, check, error_reason
-from common.fl.describe import describe
+from common.fl import signing
+from common.fl.contract import (
+    K_ALG,
+    K_VALUE,
+    QUERY_SITE,
+    SIGNATURE,
+    ContractViolation,
+    check,
+    error_reason,
+)
+from common.fl.describe import describe, describe_record
 from common.fl.ledger import LEDGER_NAME, SITE, Ledger, code_digest, message_entry, phase_of
 from common.fl.schema import experiment_of
 
@@ -28,6 +39,7 @@ class SiteInfo:
     name: str
     role: str
     out_dir: Path
+    signing_key: str = ""  # the site's private key file (deployment: its SuperNode key)
 
 
 ERROR_LOG = "errors.log"  # full tracebacks, at the site only
@@ -45,6 +57,38 @@ def _log_traceback(site: SiteInfo | None, mtype: str, reason: str) -> None:
     with open(site.out_dir / ERROR_LOG, "a") as f:
         f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {mtype}: {reason}\n")
         f.write(traceback.format_exc())
+
+
+def _sign(site: SiteInfo, context: Context, msg: Message, request: list, records: list) -> bytes:
+    """The site's signature of its reply ``records`` to ``msg`` (``signing.statement``).
+
+    Raises:
+        SiteFailure: the site has no usable signing key (the details go to its errors.log only).
+    """
+    md = msg.metadata
+    try:
+        if not site.signing_key:
+            raise signing.SigningKeyError(
+                f"site {site.name!r} has no signing key: start its SuperNode with --node-config "
+                "signing-key=<its supernode.key>"
+            )
+        key = signing.load_private_key(site.signing_key)
+    except signing.SigningKeyError as err:
+        _log_traceback(site, md.message_type, str(err))
+        raise SiteFailure(
+            "SigningKeyError: this site cannot sign its reply (its errors.log says why)"
+        ) from None
+    stmt = signing.statement(
+        run_id=context.run_id,
+        node=context.node_id,
+        site=site.name,
+        message_type=md.message_type,
+        group_id=md.group_id,
+        request_id=md.message_id or "",
+        request=signing.digest(request),
+        reply=signing.digest(records),
+    )
+    return signing.sign(key, stmt)
 
 
 class Guard:
@@ -108,7 +152,15 @@ class Guard:
             # the ledger keeps the whole finding and what was blocked; the wire gets a bound
             self._log(site, context, "out", msg, [], phase=phase, refused=str(err), blocked=records)
             raise ContractViolation(error_reason(err).removeprefix("ContractViolation: ")) from None
-        self._log(site, context, "out", msg, records, phase=phase)
+        try:
+            sig = _sign(site, context, msg, request, records)
+        except SiteFailure as err:
+            self._log(site, context, "out", msg, [], phase=phase, error=str(err))
+            raise
+        signed = ConfigRecord({K_ALG: signing.ALG, K_VALUE: sig})
+        reply.content[SIGNATURE] = signed
+        records = [*records, describe_record(SIGNATURE, signed)]
+        self._log(site, context, "out", msg, records, phase=phase, signature=sig.hex())
         return reply
 
     def _run_checked(self, msg, context, call_next, site, request, phase):

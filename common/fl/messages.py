@@ -25,12 +25,14 @@ from common.fl.contract import (
     K_CHECKPOINTS,
     K_DATA_DIRS,
     K_FUSIONS,
+    K_MAX_FRAMES,
     K_MODELS,
     K_NAMES,
     K_OUT_DIRS,
     K_PHASE,
     K_ROLES,
     K_ROUND,
+    K_SIGNING_KEYS,
     K_SPLIT,
     METRICS,
     MODEL,
@@ -95,6 +97,7 @@ class StageRequest:
     model: dict[str, torch.Tensor] | None = None
     models: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     fusions: list[tuple[str, str]] = field(default_factory=list)
+    max_frames: int = 0  # evaluate: the most labeled frames the server asked to be scored
 
 
 def _arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -107,13 +110,13 @@ def _state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-_TABLE_KEYS = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS, K_CHECKPOINTS)
+_TABLE_KEYS = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS, K_CHECKPOINTS, K_SIGNING_KEYS)
 
 
-def pack_query(table: list[tuple[str, str, str, str, str]]) -> RecordDict:
+def pack_query(table: list[tuple[str, ...]]) -> RecordDict:
     """query.site request: the simulation's partition table, one (name, role, data dir, output dir,
-    local checkpoint or "") per partition-id. Deployed SuperNodes ignore it (their site comes from
-    ``--node-config``)."""
+    local checkpoint or "", signing key file or "") per partition-id. Deployed SuperNodes ignore it
+    (their site comes from ``--node-config``)."""
     cols = list(zip(*table, strict=True)) if table else [()] * len(_TABLE_KEYS)
     keys = _TABLE_KEYS
     return RecordDict(
@@ -121,8 +124,9 @@ def pack_query(table: list[tuple[str, str, str, str, str]]) -> RecordDict:
     )
 
 
-def unpack_federation(content: RecordDict) -> list[tuple[str, str, str, str, str]]:
-    """(name, role, data dir, output dir, checkpoint) per partition-id from a query.site request."""
+def unpack_federation(content: RecordDict) -> list[tuple[str, ...]]:
+    """(name, role, data dir, output dir, checkpoint, signing key) per partition-id from a
+    query.site request."""
     rec = content.config_records.get(FEDERATION) if FEDERATION in content else None
     if rec is None:
         return []
@@ -141,8 +145,10 @@ def pack_request(
     model: Mapping[str, torch.Tensor] | ArrayRecord | None = None,
     models: Mapping[str, Mapping[str, torch.Tensor] | ArrayRecord] | None = None,
     fusions: list[tuple[str, str]] | None = None,
+    max_frames: int = 0,
 ) -> RecordDict:
-    """Build a train.pretrain / train.finetune / evaluate.segment request."""
+    """Build a train.pretrain / train.finetune / evaluate.segment request (``max_frames``: the most
+    labeled frames an evaluation may score, which bounds every score vector of the reply)."""
     stage = ConfigRecord(
         {
             K_PHASE: phase,
@@ -152,6 +158,7 @@ def pack_request(
             K_SPLIT: split,
             K_MODELS: sorted(models or {}),
             K_FUSIONS: [f"{a}+{b}" for a, b in (fusions or [])],
+            K_MAX_FRAMES: int(max_frames),
         }
     )
     rd = RecordDict({EXPERIMENT: flatten_experiment(cfg), STAGE: stage})
@@ -185,6 +192,7 @@ def unpack_request(content: RecordDict) -> StageRequest:
         model=_state(content.array_records[MODEL]) if MODEL in content.array_records else None,
         models=models,
         fusions=[tuple(f.split("+", 1)) for f in stage[K_FUSIONS]],  # type: ignore[misc]
+        max_frames=int(stage.get(K_MAX_FRAMES, 0)),
     )
 
 
