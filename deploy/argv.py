@@ -52,9 +52,14 @@ def serverapp_executor_argv(certs: str, superlink: str) -> list[str]:
     ]  # fmt: skip
 
 
-def node_config(site: str, role: str, data_dir: str, out_dir: str) -> str:
-    """``--node-config`` for a site (read by ``clients.site.resolve_site``)."""
-    return f'site="{site}" role="{role}" data-dir="{data_dir}" out-dir="{out_dir}"'
+def node_config(site: str, role: str, data_dir: str, out_dir: str, signing_key: str) -> str:
+    """``--node-config`` for a site (read by ``clients.site.resolve_site``); ``signing_key`` is the
+    private key the site signs its replies with: its SuperNode key, whose public half the server
+    verifies them against."""
+    return (
+        f'site="{site}" role="{role}" data-dir="{data_dir}" out-dir="{out_dir}" '
+        f'signing-key="{signing_key}"'
+    )
 
 
 def supernode_argv(
@@ -107,11 +112,13 @@ def connection_toml(address: str, ca: str, name: str = CONNECTION) -> str:
 
 
 def launch_argv(superlink: str, certs: str, experiment: str, run_dir: str) -> list[str]:
-    """The one-shot ``launch`` service: register keys, start the run, exit with its real status."""
+    """The one-shot ``launch`` service: register keys, start the run, exit with its real status.
+    The ServerApp verifies every reply against the same public keys the SuperLink registers."""
     return [
         "crossprobe", "launch",
         "--superlink", superlink,
         "--ca", f"{certs}/{CA_CERT}",
         "--register", f"{certs}/supernodes",
-        "--run-config", f'experiment="{experiment}" run-dir="{run_dir}"',
+        "--run-config",
+        f'experiment="{experiment}" run-dir="{run_dir}" site-keys="{certs}/supernodes"',
     ]  # fmt: skip

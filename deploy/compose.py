@@ -19,6 +19,7 @@ from deploy.argv import (
     superlink_argv,
     supernode_argv,
 )
+from deploy.certs import NODE_KEY
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 PORT = 9093  # SuperLink: Fleet + Control + Runtime API on one port (Flower 1.42)
 RUNTIME_PORT = 9094  # a SuperNode's runtime API (its ClientApp executor connects here)
 C_CERTS, C_DATA, C_OUTPUTS, C_RESULTS, C_STATE = "/certs", "/data", "/outputs", "/results", "/state"
+C_NODE_KEY = f"{C_CERTS}/{NODE_KEY}"  # a site's SuperNode key: it also signs the site's replies
 UID = 49999  # like Flower's official images
 IMAGE = "${CROSSPROBE_IMAGE:-crossprobe:local}"
 
@@ -71,7 +73,7 @@ def _demo_init(sites: list[tuple[str, str]], experiment: str) -> dict[str, Any]:
 def _demo_site(name: str, role: str, superlink: str) -> dict[str, Any]:
     """One site's SuperNode and ClientApp executor; only the executor sees the data (read-only)."""
     certs = f"certs-{name}:/certs:ro"
-    nc = node_config(name, role, f"{C_DATA}/{name}", C_OUTPUTS)
+    nc = node_config(name, role, f"{C_DATA}/{name}", C_OUTPUTS, C_NODE_KEY)
     return {
         f"supernode-{name}": _service(
             supernode_argv(C_CERTS, superlink, "0.0.0.0", RUNTIME_PORT, nc),
@@ -144,7 +146,7 @@ def site_compose() -> dict[str, Any]:
         "services": {
             "supernode": _service(
                 supernode_argv(C_CERTS, superlink, "0.0.0.0", RUNTIME_PORT,
-                               node_config(name, role, C_DATA, C_OUTPUTS)),
+                               node_config(name, role, C_DATA, C_OUTPUTS, C_NODE_KEY)),
                 [certs], **_restart(),
             ),
             "clientapp": _service(

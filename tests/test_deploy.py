@@ -54,7 +54,7 @@ def test_demo_compose_commands_come_from_the_one_place():
     )
     assert services["serverapp"]["command"] == serverapp_executor_argv("/certs", "superlink:9093")
     for site, role in SITES.items():
-        nc = node_config(site, role, f"/data/{site}", "/outputs")
+        nc = node_config(site, role, f"/data/{site}", "/outputs", "/certs/supernode.key")
         assert services[f"supernode-{site}"]["command"] == supernode_argv(
             "/certs", "superlink:9093", "0.0.0.0", 9094, nc
         )
@@ -397,7 +397,8 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     assert set(register_keys(keys, cli_env)) == set(SITES)
     for site, role in SITES.items():
         rport, sc = _free_port(), str(certs / "sites" / site)
-        nc = node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site))
+        nc = node_config(site, role, str(data[site]), str(tmp_path / "outputs" / site),
+                         f"{sc}/supernode.key")  # fmt: skip
         topology.start(f"supernode-{site}", supernode_argv(sc, superlink, "127.0.0.1", rport, nc))
         topology.start(f"clientapp-{site}", clientapp_executor_argv(sc, f"127.0.0.1:{rport}"))
     for site in SITES:
@@ -410,7 +411,8 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     # a SuperNode whose key was never registered is refused
     rogue = topology.run("rogue", supernode_argv(
         str(certs / "sites" / "rogue"), superlink, "127.0.0.1", _free_port(),
-        node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue")), max_retries=1,
+        node_config("rogue", "source", str(data["lumify"]), str(tmp_path / "rogue"),
+                    str(certs / "sites" / "rogue" / "supernode.key")), max_retries=1,
     ))  # fmt: skip
     assert rogue.returncode != 0 and "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
     assert "No SuperNode found with the given public key" in topology.log("superlink")
@@ -427,7 +429,7 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     entry = launch(
         superlink, certs / "superlink" / "ca.crt", keys,
         f'run-dir="{tmp_path / "results"}" node-wait=60 '
-        f'experiment="{ROOT / "configs" / "tiny.yaml"}"',
+        f'experiment="{ROOT / "configs" / "tiny.yaml"}" site-keys="{sl_certs}/supernodes"',
         cli_env, timeout=540, say=lambda s: print(s, flush=True),
     )  # fmt: skip
     print(f"deployment run: {time.monotonic() - t0:.0f} s")
