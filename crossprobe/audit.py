@@ -5,10 +5,12 @@ crossed — from the hash-chained ledgers the server and every site wrote (``com
     crossprobe audit --site /data/out/site-a  one site's own ledger(s), independently of the server
     crossprobe audit RUN_DIR --site DIR ...   a deployed run's server ledger against site ledgers
 
-Exit codes: 0 pass, 1 no ledger found, 2 a ledger ends in a line cut short by a crash (the next
-run repairs it), 3 a chain is broken (a line edited, deleted, inserted or reordered), 4 something
-outside the contract crossed, 5 site and server ledgers disagree. A message the server sent that a
-crashed site never logged nor answered is reported as an incomplete exchange, not a failure.
+Exit codes (the first that applies, in the order 3, 4, 6, 5, 2): 0 pass, 1 no ledger found, 2 a
+ledger ends in a line cut short by a crash (the next run repairs it), 3 a chain is broken (a line
+edited, deleted, inserted or reordered), 4 something outside the contract crossed, 5 site and
+server ledgers disagree, 6 a reply the server took in is unsigned, its signature does not verify
+against the site's public key, or there is no key to check it with. A message the server sent that
+a crashed site never logged nor answered is reported as an incomplete exchange, not a failure.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def audit_command(
             help="A site's output folder or ledger file (repeatable); alone: audit that site only.",
         ),
     ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of each site's public key <site>.pub (deployed: certs/superlink/"
+            "supernodes); default: the run folder's keys/ (simulation).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
     """Verify the ledgers' hash chains, the wire contract, the model schema of every array, and that
@@ -42,7 +51,7 @@ def audit_command(
     if run_dir is None and not site:
         raise typer.BadParameter("give a run folder, or --site DIR", param_hint="RUN_DIR")
     t = time.monotonic()
-    report = audit_run(run_dir, site or [])
+    report = audit_run(run_dir, site or [], keys)
     if as_json:
         typer.echo(
             json.dumps(
@@ -55,6 +64,7 @@ def audit_command(
                     "chain": report.chain,
                     "contract": report.contract,
                     "mismatch": report.mismatch,
+                    "signature": report.signature,
                     "torn": report.torn,
                     "incomplete": report.incomplete,
                     "notes": report.notes,
@@ -63,6 +73,10 @@ def audit_command(
                         for (a, b, c), n in sorted(report.bytes.items())
                     ],
                     "model_bytes": report.model_bytes,
+                    "capacity": [
+                        {"message_type": m, "site": s, "used": u, "allowed": c}
+                        for (m, s), (u, c) in sorted(report.capacity.items())
+                    ],
                 },
                 indent=2,
             )

@@ -145,9 +145,12 @@ class InProcessGrid(Grid):
         return self.pull_messages(list(self.push_messages(messages)))
 
 
-def sign_as_site(grid: InProcessGrid, request: Message, reply: Message) -> Message:
-    """Sign ``reply`` the way the guard does, with the key of the site that node is: what a
-    hostile site that runs without the guard (but holds its own key) can send."""
+def sign_as_site(
+    grid: InProcessGrid, request: Message, reply: Message, key_of: str = ""
+) -> Message:
+    """Sign ``reply`` the way the guard does, with the key of the site that node is (or of site
+    ``key_of``): what a hostile site that runs without the guard but holds its own key can send
+    (or one that forges another site's reply with its own key)."""
     from flwr.app import ConfigRecord
 
     from common.fl import signing
@@ -168,7 +171,10 @@ def sign_as_site(grid: InProcessGrid, request: Message, reply: Message) -> Messa
         request=signing.digest(describe(request.content)),
         reply=signing.digest(describe(reply.content)),
     )
-    key = signing.load_private_key(str(site["signing-key"]))
+    key_file = Path(str(site["signing-key"]))
+    if key_of:
+        key_file = key_file.with_name(f"{key_of}{signing.PRIVATE_SUFFIX}")
+    key = signing.load_private_key(str(key_file))
     reply.content[SIGNATURE] = ConfigRecord({K_ALG: signing.ALG, K_VALUE: signing.sign(key, stmt)})
     return reply
 

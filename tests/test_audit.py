@@ -399,17 +399,23 @@ def test_a_smuggled_frame_is_refused_on_the_site(
     assert any("refused a reply" in n and "nothing was sent" in n for n in report.notes)
 
 
+def _evaluate_again(clean_run, tmp_path) -> Path:
+    """A copy of the clean run (pretrain and finetune done) whose evaluate phase runs again."""
+    run = tmp_path / "run"
+    shutil.copytree(clean_run[0], run)
+    index = json.loads((run / "phases.json").read_text())
+    index["completed"] = [c for c in index["completed"] if c["phase"] != "evaluate"]
+    (run / "phases.json").write_text(json.dumps(index))
+    return run
+
+
 def test_a_frame_as_a_score_list_is_refused(
     clean_run, tmp_path, sites_root, flower_identity, monkeypatch
 ):
     # resume the clean run (pretrain/finetune done); evaluation adds a 4096-long "score"
     import common.stages
 
-    run = tmp_path / "run"
-    shutil.copytree(clean_run[0], run)
-    index = json.loads((run / "phases.json").read_text())
-    index["completed"] = [c for c in index["completed"] if c["phase"] != "evaluate"]
-    (run / "phases.json").write_text(json.dumps(index))
+    run = _evaluate_again(clean_run, tmp_path)
     real = common.stages.evaluate
 
     def leaky(*args, **kwargs):  # under a name the server asked for, so only the length refuses it
@@ -547,6 +553,220 @@ def test_a_site_uses_its_own_checkpoint(tmp_path, sites_root, flower_identity, m
     run_server(server_app, _grid(exp, tmp_path / "run", sites_root))
     assert seen and set(seen.values()) == {str(tmp_path / "backbone.pth")}
     assert '"model.checkpoint"' not in (tmp_path / "run" / "ledger.jsonl").read_text()
+
+
+# ------------------------------------------------------------------ who sent it: signatures
+def test_every_reply_of_the_clean_run_is_signed_and_verifies_offline(clean_run):
+    run, _, _ = clean_run
+    report = audit.audit_run(run)
+    server = [e for _, e in ledger.read_ledger(run / "ledger.jsonl").entries]
+    replies = [e for e in server if e.get("event") == "message" and e["direction"] == "in"]
+    assert len(replies) == 11 and report.checked["signatures"] == 11, report.render()
+    assert all(len(bytes.fromhex(e["signature"])) == 96 for e in replies)
+    assert all(e["key"].startswith("SHA256:") for e in replies)
+    # the site logged the very signature the server verified
+    site_sigs = {
+        e["signature"]
+        for lf in (run / "sites").glob("*/ledger.jsonl")
+        for _, e in ledger.read_ledger(lf).entries
+        if e.get("direction") == "out"
+    }
+    assert {e["signature"] for e in replies} == site_sigs
+    # the non-weight capacity of every reply, from its request: used <= allowed
+    assert report.capacity and all(u <= c for u, c in report.capacity.values())
+    assert "non-weight bytes per reply" in report.render()
+
+
+def _drop_signature(grid, msg, reply, state):
+    del reply.content[contract.SIGNATURE]
+    return reply
+
+
+def _change_a_score(grid, msg, reply, state):  # in flight, after the site signed
+    scores = reply.content.metric_records[contract.SCORES]
+    key = next(iter(scores))
+    scores[key] = [v / 2 for v in scores[key]]
+    return reply
+
+
+def _sign_with_another_sites_key(grid, msg, reply, state):
+    other = "lumify" if msg.metadata.dst_node_id == 101 else "telemed"
+    return sign_as_site(grid, msg, reply, key_of=other)
+
+
+def _replay_the_first_reply(grid, msg, reply, state):  # a valid reply to another message
+    from flwr.app import Message
+
+    first = state.setdefault("first", reply)
+    return reply if first is reply else Message(first.content, reply_to=msg)
+
+
+FORGERIES = {
+    "unsigned": (_drop_signature, "is not signed"),
+    "changed on the way": (_change_a_score, "does not verify"),
+    "another site's key": (_sign_with_another_sites_key, "does not verify"),
+    "replayed": (_replay_the_first_reply, "does not verify"),
+}
+
+
+@pytest.mark.parametrize("how", list(FORGERIES))
+def test_a_reply_its_site_did_not_sign_is_refused_and_the_audit_names_it(
+    clean_run, tmp_path, sites_root, flower_identity, how
+):
+    forge, says = FORGERIES[how]
+    run = _evaluate_again(clean_run, tmp_path)
+    grid = _grid(run / "config.yaml", run, sites_root)
+    handle, state = grid._handle, {}
+
+    def forging(msg):
+        if msg.metadata.message_type != contract.EVALUATE_SEGMENT:
+            return handle(msg)
+        return forge(grid, msg, handle(msg), state)
+
+    grid._handle = forging
+    with pytest.raises(WorkflowError, match=f"phase 'evaluate'.*refused reply.*{says}"):
+        run_server(server_app, grid)
+    assert "evaluate" not in {c["phase"] for c in json.loads((run / "phases.json").read_text())[
+        "completed"]}  # fmt: skip
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_SIGNATURE, result.output
+    assert "SIGNATURE:" in result.output and says in result.output
+
+
+def test_a_forged_reply_that_arrives_before_the_real_one_is_refused(
+    tmp_path, sites_root, flower_identity, monkeypatch
+):
+    # another node answers the target's pretrain message first, claiming to be the target
+    monkeypatch.setattr("common.stages.pretrain", _honest_pretrain)
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "forged-first"), run, sites_root)
+    pull = grid.pull_messages
+
+    def forged_first(ids):
+        replies = pull(ids)
+        if replies and replies[0].metadata.message_type == contract.TRAIN_PRETRAIN:
+            replies.insert(0, _forged_copy(grid, replies[0]))
+        return replies
+
+    grid.pull_messages = forged_first
+    with pytest.raises(WorkflowError, match=r"site 'telemed'.*does not verify"):
+        run_server(server_app, grid)
+
+
+def _forged_copy(grid, genuine):
+    """A copy of ``genuine`` (same source node, same reply-to id) signed with the source site's
+    key: what a SuperNode that pushes a reply in the target's name can make."""
+    from flwr.app import Message
+
+    md = genuine.metadata
+    request = Message(RecordDict(), dst_node_id=md.src_node_id, message_type=md.message_type)
+    request.metadata.__dict__["_message_id"] = genuine.metadata.reply_to_message_id
+    request.metadata.__dict__["_group_id"] = genuine.metadata.group_id
+    forged = Message(genuine.content.copy(), reply_to=request)
+    return sign_as_site(grid, request, forged, key_of="lumify")
+
+
+def test_a_reply_to_another_nodes_message_is_refused(tmp_path, sites_root, flower_identity):
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "other-node"), run, sites_root)
+    handle = grid._handle
+
+    def from_another_node(msg):
+        reply = handle(msg)
+        reply.metadata.__dict__["_src_node_id"] = 999
+        return reply
+
+    grid._handle = from_another_node
+    with pytest.raises(WorkflowError, match="node 999 answered a message sent to node 10"):
+        run_server(server_app, grid)
+
+
+def test_a_site_without_a_signing_key_sends_nothing_but_an_error(
+    tmp_path, sites_root, flower_identity
+):
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "no-key"), run, sites_root)
+    grid.contexts[100].node_config = {  # a deployed SuperNode started without signing-key
+        "site": "telemed",
+        "role": "target",
+        "data-dir": str(sites_root / "telemed"),
+        "out-dir": str(tmp_path / "out"),
+    }
+    with pytest.raises(WorkflowError, match="SigningKeyError: this site cannot sign its reply"):
+        run_server(server_app, grid)
+    assert "--node-config signing-key" in next((tmp_path / "out").glob("*/errors.log")).read_text()
+
+
+def test_a_site_without_a_registered_key_is_refused(tmp_path, sites_root, flower_identity):
+    run = tmp_path / "run"
+    grid = _grid(_experiment(tmp_path, "unregistered"), run, sites_root)
+    (run / "keys" / "lumify.pub").unlink()
+    with pytest.raises(WorkflowError, match="site 'lumify' has no registered public key"):
+        run_server(server_app, grid)
+
+
+# ------------------------------------------------------------------ bounds the server chose
+def test_score_vectors_are_bounded_by_what_the_server_asked_not_by_the_site(
+    clean_run, tmp_path, sites_root, flower_identity
+):
+    # a guard-less site inflates its card and its example count, then sends a 4096-long "score"
+    run = _evaluate_again(clean_run, tmp_path)
+    grid = _grid(run / "config.yaml", run, sites_root, **{"max-eval-frames": 40})
+    handle = grid._handle
+
+    def inflating(msg):
+        reply = handle(msg)
+        if msg.metadata.message_type == contract.QUERY_SITE:
+            card = reply.content.config_records[contract.SITE_CARD]
+            for key in [k for k in card if k.endswith(".labeled")]:
+                card[key] = 5000
+            return sign_as_site(grid, msg, reply)
+        if msg.metadata.message_type == contract.EVALUATE_SEGMENT:
+            reply.content.metric_records[contract.METRICS][contract.NUM_EXAMPLES] = 5000
+            scores = reply.content.metric_records[contract.SCORES]
+            scores[next(iter(scores))] = _frame().flatten().tolist()
+            return sign_as_site(grid, msg, reply)
+        return reply
+
+    grid._handle = inflating
+    with pytest.raises(WorkflowError, match="list of 4096 numbers, more than the 40 frame"):
+        run_server(server_app, grid)
+    sent = [
+        r["config"]
+        for _, e in ledger.read_ledger(run / "ledger.jsonl").entries
+        if e.get("message_type") == contract.EVALUATE_SEGMENT and e["direction"] == "out"
+        for r in e["records"]
+        if r["name"] == contract.STAGE
+    ]
+    assert sent[-1][contract.K_MAX_FRAMES] == 40  # the server's own number, on the wire
+
+
+def test_a_site_with_more_labeled_frames_than_asked_refuses_to_score(
+    clean_run, tmp_path, sites_root, flower_identity
+):
+    run = _evaluate_again(clean_run, tmp_path)
+    grid = _grid(run / "config.yaml", run, sites_root, **{"max-eval-frames": 1})
+    with pytest.raises(WorkflowError, match="the server asked to score at most 1"):
+        run_server(server_app, grid)
+
+
+def test_a_score_outside_0_1_is_refused_on_the_site(
+    clean_run, tmp_path, sites_root, flower_identity, monkeypatch
+):
+    import common.stages
+
+    run = _evaluate_again(clean_run, tmp_path)
+    real = common.stages.evaluate
+
+    def out_of_range(*args, **kwargs):  # 8 bytes of anything per value, unless values are scores
+        res = real(*args, **kwargs)
+        key = next(iter(res.per_image))
+        res.per_image[key] = [1e300] * len(res.per_image[key])
+        return res
+
+    monkeypatch.setattr(common.stages, "evaluate", out_of_range)
+    with pytest.raises(WorkflowError, match=r"has values outside \[0, 1\]"):
+        run_server(server_app, _grid(run / "config.yaml", run, sites_root))
 
 
 # ------------------------------------------------------------------ the check itself

@@ -2,8 +2,10 @@
 
 :func:`audit_run` reads the server's and the sites' hash-chained ledgers (``common/fl/ledger.py``),
 verifies every chain, re-applies the contract check (``common/fl/contract.py``) to every logged
-message, and matches what each site sent with what the server received (and the other way round)
-by record and array hash. docs/audit.md explains the findings and exit codes.
+message, verifies the site's signature of every reply the server accepted against that site's
+public key (``common/fl/signing.py``), and matches what each site sent with what the server
+received (and the other way round) by record and array hash. docs/audit.md explains the findings
+and exit codes.
 """
 
 from __future__ import annotations
@@ -14,13 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.fl.contract import ENCODER, MODEL, QUERY_SITE, ContractViolation, check
+from common.fl import signing
+from common.fl.contract import (
+    ENCODER,
+    MODEL,
+    QUERY_SITE,
+    SIGNATURE,
+    ContractViolation,
+    check,
+    non_weight_bytes,
+    reply_capacity,
+)
 from common.fl.describe import array_bytes
 from common.fl.ledger import LEDGER_NAME, SERVER, SITE, LedgerFile, canonical, read_ledger
 from common.fl.schema import experiment_of, model_schema, schema_bytes
 
 # `crossprobe audit` exit codes (the first that applies, in the order of AuditReport.exit_code).
 EXIT_OK, EXIT_NO_LEDGER, EXIT_TORN, EXIT_CHAIN, EXIT_CONTRACT, EXIT_MISMATCH = 0, 1, 2, 3, 4, 5
+EXIT_SIGNATURE = 6
 
 
 @dataclass
@@ -29,6 +42,7 @@ class AuditReport:
     chain: list[str] = field(default_factory=list)
     contract: list[str] = field(default_factory=list)
     mismatch: list[str] = field(default_factory=list)
+    signature: list[str] = field(default_factory=list)  # unsigned, forged or unverifiable replies
     torn: list[str] = field(default_factory=list)  # a last line cut short by a crash
     incomplete: list[str] = field(default_factory=list)  # sent, never logged nor answered
     notes: list[str] = field(default_factory=list)
@@ -37,6 +51,8 @@ class AuditReport:
     )  # (party, phase, dir)
     model_bytes: dict[str, int] = field(default_factory=dict)
     checked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # (message type, site) -> (most non-weight bytes a reply used, most its request allowed)
+    capacity: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -45,6 +61,7 @@ class AuditReport:
         for code, errs in (
             (EXIT_CHAIN, self.chain),
             (EXIT_CONTRACT, self.contract),
+            (EXIT_SIGNATURE, self.signature),  # proves what a mismatch suggests, server-side alone
             (EXIT_MISMATCH, self.mismatch),
             (EXIT_TORN, self.torn),
         ):
@@ -71,11 +88,16 @@ class AuditReport:
             lines.append(f"  {'party':<22}{'phase':<10}{'dir':<5}{'bytes':>14}{'':>14}")
             for (party, phase, d), n in sorted(self.bytes.items()):
                 lines.append(f"  {party:<22}{phase or '-':<10}{d:<5}{n:>14}{mb(n):>14}")
+        if self.capacity:
+            lines.append("non-weight bytes per reply (the most used / the most its request allows)")
+            for (mtype, site), (used, cap) in sorted(self.capacity.items()):
+                lines.append(f"  {mtype:<18}{site:<20}{used:>10} B /{cap:>10} B")
         lines.append("checked: " + ", ".join(f"{v} {k}" for k, v in sorted(self.checked.items())))
         for title, errs in (
             ("CHAIN BROKEN", self.chain),
             ("CONTRACT VIOLATION", self.contract),
             ("MISMATCH site vs server", self.mismatch),
+            ("SIGNATURE", self.signature),
             ("TORN (a crash cut the last line; the next run repairs it)", self.torn),
             (
                 "INCOMPLETE exchange (a crash or timeout: never logged, never answered)",
@@ -92,6 +114,7 @@ class AuditReport:
             EXIT_CHAIN: "FAIL: a ledger chain is broken",
             EXIT_CONTRACT: "FAIL: something outside the contract crossed",
             EXIT_MISMATCH: "FAIL: site and server ledgers disagree",
+            EXIT_SIGNATURE: "FAIL: a reply is unsigned, forged, or its signature cannot be checked",
             EXIT_TORN: "FAIL: a ledger ends in a line cut short by a crash (not an edit)",
         }[self.exit_code]
         lines.append(verdict)
@@ -157,8 +180,15 @@ def _check_reply(e: dict, request: dict | None, where: str, rep: AuditReport) ->
     if e.get("records"):
         if request is None:
             raise ContractViolation("a reply to no request in this ledger")
-        mtype, role = e["message_type"], e.get("role", "")
-        check("reply", mtype, role, e["records"], cfg, request=request.get("records", []))
+        mtype, role, asked = e["message_type"], e.get("role", ""), request.get("records", [])
+        check("reply", mtype, role, e["records"], cfg, request=asked)
+        if e.get("party") == SERVER:
+            key = (mtype, str(e.get("site", "")))
+            used, cap = rep.capacity.get(key, (0, 0))
+            rep.capacity[key] = (
+                max(used, non_weight_bytes(e["records"])),
+                max(cap, reply_capacity(mtype, asked)),
+            )
 
 
 def _check_ledger(lf: LedgerFile, rep: AuditReport) -> None:
@@ -283,10 +313,15 @@ def _match_one(
     rep.checked["matched messages"] += 1
 
 
+def _failed(e: dict) -> bool:
+    return bool(e.get("error") or e.get("refused") or e.get("unverified"))
+
+
 def _server_stopped_waiting(server: LedgerFile, reply: dict) -> bool:
     """Did the server's run end while it waited for ``reply``? True when the server logged the
-    request and received nothing at all in that run afterwards (its process died or timed out);
-    a server that went on receiving other replies but not this one is a mismatch."""
+    request and, in that run afterwards, received nothing at all (its process died or timed out)
+    or nothing after a reply that ended the run (an error or a refusal: the server reads no
+    more); a server that went on receiving other replies but not this one is a mismatch."""
     key = (reply.get("run_id"), reply["src_node"], reply.get("group_id"), reply["message_type"])
     sent_at = next(
         (
@@ -300,10 +335,12 @@ def _server_stopped_waiting(server: LedgerFile, reply: dict) -> bool:
     )
     if sent_at is None:
         return False
-    return not any(
-        e.get("event") == "message" and e["direction"] == "in" and e.get("run_id") == key[0]
+    later = [
+        e
         for _, e in server.entries[sent_at + 1 :]
-    )
+        if e.get("event") == "message" and e["direction"] == "in" and e.get("run_id") == key[0]
+    ]
+    return not later or _failed(later[-1])
 
 
 def _unreceived_sends(
@@ -344,14 +381,74 @@ def _cross_check(
     _unreceived_sends(server, index, used, seen, rep)
 
 
-def audit_run(run_dir: Path | None = None, site_dirs: Iterable[Path] = ()) -> AuditReport:
-    """Audit a run folder (server ledger + ``sites/*/ledger.jsonl``) and/or site folders."""
+def _signature_problem(e: dict, request: dict | None, keys: Path | None) -> str:
+    """Why the site's signature of a reply the server accepted does not hold ("" = it does)."""
+    if e.get("unverified"):
+        return f"the server refused a reply as {e['unverified']}"
+    if not e.get("signature"):
+        return "the server accepted a reply that carries no signature"
+    if request is None:
+        return "a signed reply to no request in the server ledger"
+    site = str(e.get("site", ""))
+    if keys is None:
+        return f"no public keys to check site {site!r}'s signature against (pass --keys DIR)"
+    path = signing.public_key_path(keys, site)
+    try:
+        key = signing.load_public_key(str(path))
+        sig = bytes.fromhex(e["signature"])
+    except (signing.SigningKeyError, ValueError, TypeError) as err:
+        return f"site {site!r}'s signature cannot be checked: {err}"
+    if e.get("key") and e["key"] != signing.fingerprint(key):
+        return f"the server verified site {site!r} with another key than {path}"
+    stmt = signing.statement(
+        run_id=e.get("run_id"),
+        node=e["src_node"],
+        site=site,
+        message_type=e["message_type"],
+        group_id=str(e.get("group_id", "")),
+        request_id=str(e.get("reply_to", "")),
+        request=signing.digest(request.get("records", [])),
+        reply=signing.digest(e["records"], skip=SIGNATURE),
+    )
+    return "" if signing.verify(key, stmt, sig) else f"site {site!r}'s signature does not verify"
+
+
+def _check_signatures(server: LedgerFile, keys: Path | None, rep: AuditReport) -> None:
+    """Every reply the server took in must carry its site's valid signature of exactly that reply
+    to exactly the request the server logged sending."""
+    sent: dict[tuple, dict] = {}
+    for no, e in server.entries:
+        if e.get("event") != "message":
+            continue
+        key = (e.get("run_id"), e.get("group_id"), e.get("message_type"))
+        if e["direction"] == "out":
+            sent[(*key, e["dst_node"])] = e
+            continue
+        if e.get("error") or not (e.get("records") or e.get("unverified")):
+            continue  # an error reply carries nothing to sign
+        try:
+            problem = _signature_problem(e, sent.get((*key, e["src_node"])), keys)
+        except (KeyError, TypeError, AttributeError) as err:  # a described record out of shape
+            problem = f"malformed entry ({type(err).__name__}: {err})"
+        if problem:
+            rep.signature.append(f"{server.path}:{no}: {problem}")
+        else:
+            rep.checked["signatures"] += 1
+
+
+def audit_run(
+    run_dir: Path | None = None, site_dirs: Iterable[Path] = (), keys: Path | None = None
+) -> AuditReport:
+    """Audit a run folder (server ledger + ``sites/*/ledger.jsonl``) and/or site folders;
+    ``keys`` holds each site's public key ``<site>.pub`` (default: the run folder's ``keys``)."""
     rep = AuditReport()
     server: LedgerFile | None = None
     site_paths: list[Path] = []
     expect: set[str] = set()
     if run_dir is not None:
         run_dir = Path(run_dir)
+        if keys is None and (run_dir / "keys").is_dir():
+            keys = run_dir / "keys"  # a simulated run's site keys
         if (run_dir / LEDGER_NAME).is_file():
             server = read_ledger(run_dir / LEDGER_NAME)
         else:
@@ -386,6 +483,7 @@ def audit_run(run_dir: Path | None = None, site_dirs: Iterable[Path] = ()) -> Au
                 "no site ledgers given: server-side checks only (add --site DIR to cross-check)"
             )
         _cross_check(server, sites, rep, expect)
+        _check_signatures(server, keys, rep)
         for _, e in server.entries:
             if e.get("event") == "run" and e.get("fab_hash"):
                 rep.notes.append(f"run {e.get('run_id')}: FAB hash {e['fab_hash']}")
