@@ -66,6 +66,11 @@ COMMANDS: dict[str, Command] = {
         "bench_command",
         "Training images/s per stage and fused-inference frames/s.",
     ),
+    "bench-signing": Command(
+        "simulations.bench_signing",
+        "bench_signing_command",
+        "What checking, hashing and signing one reply costs.",
+    ),
     "bench-pipeline": Command(
         "simulations.pipeline",
         "pipeline_command",

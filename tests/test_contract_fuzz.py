@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import load_experiment
-from common.fl import contract, messages, schema
+from common.fl import contract, messages, schema, signing
 from common.fl.audit import audit_run
 from common.fl.describe import describe
 from common.fl.ledger import LEDGER_NAME, Ledger, read_ledger
@@ -102,9 +102,19 @@ def encoder_records(draw):
 NUMBERS = st.one_of(
     st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True, width=64)
 )
+SCORE_KEYS = ["simmim/dice", "mtnxent/iou", "fusion-entropy/dice"]  # names the request asks for
 METRICS = st.dictionaries(
-    st.one_of(st.sampled_from(sorted(contract.TRAIN_METRIC_NAMES)), st.text(max_size=200)),
-    st.one_of(NUMBERS, st.lists(st.floats(0, 1), max_size=8), st.lists(st.integers(), max_size=4)),
+    st.one_of(
+        st.sampled_from(sorted(contract.TRAIN_METRIC_NAMES | contract.EVAL_SCALAR_NAMES)),
+        st.sampled_from(SCORE_KEYS),
+        st.text(max_size=200),
+    ),
+    st.one_of(
+        NUMBERS,
+        st.lists(st.floats(0, 1), max_size=12),
+        st.lists(st.floats(-1, 2), max_size=4),
+        st.lists(st.integers(), max_size=4),
+    ),
     max_size=6,
 )
 CONFIG_VALUES = st.one_of(
@@ -115,10 +125,18 @@ CONFIG_VALUES = st.one_of(
     st.binary(max_size=300),
     st.lists(st.text(max_size=5), max_size=4),
 )
-CONFIGS = st.dictionaries(
-    st.one_of(st.sampled_from(sorted(contract.CARD_KEYS)), st.text(max_size=140)),
-    CONFIG_VALUES,
-    max_size=6,
+CONFIGS = st.one_of(
+    st.dictionaries(
+        st.one_of(st.sampled_from(sorted(contract.CARD_KEYS)), st.text(max_size=140)),
+        CONFIG_VALUES,
+        max_size=6,
+    ),
+    st.fixed_dictionaries(  # a signature record, right or nearly right
+        {
+            contract.K_ALG: st.sampled_from([signing.ALG, "ecdsa-p256-sha256", ""]),
+            contract.K_VALUE: st.one_of(st.binary(min_size=96, max_size=96), CONFIG_VALUES),
+        }
+    ),
 )
 
 
@@ -146,8 +164,13 @@ def _request(message_type: str) -> list[dict]:
     if message_type == contract.QUERY_SITE:
         return describe(messages.pack_query([]))
     models = {"simmim": {}, "mtnxent": {}} if message_type == contract.EVALUATE_SEGMENT else None
-    rd = messages.pack_request(cfg, "x", 1, models=models, fusions=[("simmim", "mtnxent")])
+    rd = messages.pack_request(
+        cfg, "x", 1, models=models, fusions=[("simmim", "mtnxent")], max_frames=MAX_FRAMES
+    )
     return describe(rd)
+
+
+MAX_FRAMES = 8  # what the fuzzed evaluation requests ask for
 
 
 # ------------------------------------------------------------------ the check
@@ -163,6 +186,17 @@ def _assert_allowed(kind, message_type, role, described) -> None:
         for a in rec.get("arrays", []):
             shape, _ = schema.model_schema(_cfg(), rec["name"])[a["name"]]
             assert tuple(a["shape"]) == shape and "payload" not in a and not a.get("nonfinite")
+        if kind != "reply":
+            continue
+        for v in rec.get("metrics", {}).values():  # lists: scores only, bounded, in [0, 1]
+            if isinstance(v, dict):
+                assert rec["name"] in contract.SCORE_RECORDS and v["len"] <= MAX_FRAMES
+                assert v["len"] == 0 or 0 <= v["min"] <= v["max"] <= 1
+        if rec["name"] == contract.SIGNATURE:
+            assert rec["config"][contract.K_VALUE]["bytes"] == signing.SIGNATURE_BYTES
+    if kind == "reply":
+        used = contract.non_weight_bytes(described)
+        assert used <= contract.reply_capacity(message_type, _request(message_type))
 
 
 @FUZZ
@@ -198,6 +232,70 @@ def test_an_encoder_reply_passes_exactly_when_it_is_the_encoder(role, encoder, e
         return
     _assert_allowed("reply", contract.TRAIN_PRETRAIN, contract.TARGET, described)
     assert set(extra) <= contract.TRAIN_METRIC_NAMES
+
+
+@FUZZ
+@given(
+    n=st.integers(0, 20),
+    vectors=st.dictionaries(
+        st.sampled_from(SCORE_KEYS),
+        st.lists(st.floats(-0.5, 1.5, allow_nan=False), max_size=12),
+        min_size=1,
+        max_size=3,
+    ),
+    record=st.sampled_from(sorted(contract.SCORE_RECORDS)),
+)
+def test_an_evaluation_reply_passes_exactly_when_its_scores_are_bounded_and_in_0_1(
+    n, vectors, record
+):
+    content = RecordDict(
+        {
+            contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: n}),
+            record: MetricRecord(vectors),
+        }
+    )
+    expected = all(
+        len(v) <= min(n, MAX_FRAMES) and all(0 <= x <= 1 for x in v) for v in vectors.values()
+    )
+    request = _request(contract.EVALUATE_SEGMENT)
+    try:
+        contract.check(
+            "reply", contract.EVALUATE_SEGMENT, contract.TARGET, describe(content), _cfg(),
+            request=request,
+        )  # fmt: skip
+        passed = True
+    except contract.ContractViolation:
+        passed = False
+    assert passed == expected
+
+
+@FUZZ
+@given(a=CONTENT, b=CONTENT, forged=st.binary(max_size=120))
+def test_a_signature_verifies_only_the_reply_it_was_made_for(a, b, forged):
+    key = _key()
+    da, db = describe(a), describe(b)
+    stmt_a, stmt_b = (
+        signing.statement(
+            run_id=1,
+            node=2,
+            site="s",
+            message_type="train.pretrain",
+            group_id="g",
+            request_id="m",
+            request="0" * 64,
+            reply=signing.digest(d),
+        )  # fmt: skip
+        for d in (da, db)
+    )
+    sig = signing.sign(key, stmt_a)
+    assert signing.verify(key.public_key(), stmt_a, sig)
+    assert signing.verify(key.public_key(), stmt_b, sig) == (stmt_a == stmt_b)
+    assert not signing.verify(key.public_key(), stmt_a, forged)  # any other bytes: False
+
+
+@cache
+def _key():
+    return signing.load_private_key_from_bytes(signing.new_keypair()[0])
 
 
 def test_an_honest_encoder_reply_passes():

@@ -1,5 +1,6 @@
 """Real deployment: certificates, preflight, the compose files, and the compose topology run
-as real processes on 127.0.0.1 (CI has no Docker engine)."""
+as real processes on 127.0.0.1 (CI has no Docker engine), its SuperLink port captured with tcpdump
+and its ledgers audited with the registered keys."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from common.fl.audit import audit_run
 from crossprobe.cli import app as crossprobe_cli
 from deploy.argv import (
     clientapp_executor_argv,
@@ -30,6 +32,7 @@ from deploy.compose import APP_DIR, COMPOSE_FILES, render_compose
 from deploy.launch import launch, register_keys, wait_tls
 from simulations.demo_data import demo_data
 from simulations.simulate import flower_env, started_processes
+from tests.wire import Capture, WireReport
 
 ROOT = APP_DIR
 SITES = {"lumify": "source", "telemed": "target"}  # configs/tiny.yaml
@@ -375,6 +378,30 @@ def _wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+CAN_CAPTURE = shutil.which("tcpdump") is not None and os.geteuid() == 0
+WIRE_OVERHEAD = 0.10  # TLS, HTTP/2, gRPC and Flower framing, on top of what the ledgers account
+WIRE_FIXED = 8 * 2**20  # bytes: the FAB to every node, TLS handshakes, heartbeats and polling
+
+
+def _check_wire(wire: WireReport, port: int, ledgered: int) -> None:
+    """Every byte on the SuperLink's port was TLS (but the refused plaintext client's), and the
+    bytes that crossed are what the ledgers account for: each array crosses the port twice
+    (ServerApp → SuperLink → SuperNode, and back), plus a stated overhead."""
+    plain = [s for s in wire.streams if s.non_tls]
+    # `flower-supernode --insecure` speaks Flower's REST transport: an HTTP/1 POST, refused
+    assert plain and all(s.dst[1] == port and "plaintext HTTP" in s.non_tls for s in plain), (
+        wire.non_tls
+    )
+    tls = [s for s in wire.streams if not s.non_tls and s.payload_bytes]
+    assert all(s.tls_records and set(s.tls_types) <= {20, 21, 22, 23} for s in tls)
+    on_wire = sum(s.payload_bytes for s in tls)
+    print(
+        f"wire: {len(tls)} TLS streams, {on_wire} B on port {port}; ledgers: {ledgered} B of "
+        f"arrays; wire / (2 x ledgers) = {on_wire / (2 * ledgered):.3f}"
+    )
+    assert 2 * ledgered <= on_wire <= 2 * ledgered * (1 + WIRE_OVERHEAD) + WIRE_FIXED
+
+
 @pytest.mark.slow
 def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tmp_path):
     # certificates (plus a key nobody registers), each site's data in its own folder
@@ -382,6 +409,16 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     make_certs(certs, [*SITES, "rogue"])
     data = {p.parent.name: p for p in demo_data(ROOT / "configs" / "tiny.yaml", tmp_path / "data")}
     port = _free_port()
+    if os.environ.get("CI") == "true":
+        assert CAN_CAPTURE, "CI captures the wire: .ci/run installs tcpdump and runs as root"
+    with contextlib.ExitStack() as stack:
+        capture = None
+        if CAN_CAPTURE:  # the SuperLink's one port, from before it starts
+            capture = stack.enter_context(Capture(tmp_path / "superlink.pcap", [port]))
+        _run_topology(topology, tmp_path, certs, data, port, capture)
+
+
+def _run_topology(topology, tmp_path, certs, data, port, capture) -> None:
     superlink = f"127.0.0.1:{port}"
     sl_certs = str(certs / "superlink")
     topology.start(
@@ -436,5 +473,17 @@ def test_compose_topology_as_processes_tls_auth_and_a_completed_run(topology, tm
     assert entry["status"] == "finished:completed", (entry, topology.log("serverapp")[-3000:])
     assert (tmp_path / "results" / "report.md").is_file()
     assert (tmp_path / "outputs" / "telemed").is_dir()  # site-local artifacts stayed at the site
+    # the audit with the keys the SuperLink registered: every reply signed by its site
+    report = audit_run(
+        tmp_path / "results",
+        [tmp_path / "outputs" / s for s in SITES],
+        keys=certs / "superlink" / "supernodes",
+    )
+    assert report.ok and report.checked["signatures"] == 11, report.render()
     topology.stop()
     assert topology.leftovers() == []
+    if capture is not None:
+        ledgered = sum(n for (party, _, _), n in report.bytes.items() if party == "server")
+        wire = capture.stop()
+        print(f"tcpdump: {capture.summary}")
+        _check_wire(wire, port, ledgered)

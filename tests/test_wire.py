@@ -10,17 +10,14 @@ import ipaddress
 import os
 import random
 import shutil
-import signal
 import socket
 import ssl
 import struct
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.wire import read_pcap
+from tests.wire import Capture, read_pcap
 
 CLIENT, SERVER = ("127.0.0.1", 50123), ("127.0.0.1", 8443)
 CLIENT6, SERVER6 = ("::1", 50124), ("::1", 8443)
@@ -110,7 +107,8 @@ def test_plaintext_http2_is_flagged(tmp_path):
 @pytest.mark.parametrize(
     ("tail", "reason"),
     [
-        (b"GET / HTTP/1.1\r\n", "byte 0x47 is not a TLS content type (plaintext?)"),
+        (b"POST /v1/fleet/register-node HTTP/1.1\r\n", "plaintext HTTP/1 (a POST request)"),
+        (b"G3T", "byte 0x47 is not a TLS content type (plaintext?)"),
         (b"\x17\x02\x00\x00\x01x", "version 0x0200 is not TLS 1.0-1.3"),
         (b"\x17\x03\x03\xff\xff", "record length 65535 exceeds 18432"),
     ],
@@ -253,53 +251,25 @@ def test_real_tcpdump_capture_of_tls_and_plaintext(tmp_path):
     tls_client = functools.partial(client_ctx.wrap_socket, server_hostname="127.0.0.1")
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
     tls_port, plain_port = (sock.getsockname()[1] for sock in listeners)
-    path = tmp_path / "lo.pcap"
-    bpf = f"tcp port {tls_port} or tcp port {plain_port}"
-    tcpdump = subprocess.Popen(
-        ["tcpdump", "-i", "lo", "-w", str(path), "-U", bpf],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        banner = ""
-        while "listening on" not in banner:
-            line = tcpdump.stderr.readline()
-            assert line, f"tcpdump exited before listening: {banner}"
-            banner += line
-        sent = os.urandom(n)
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(1000)
-        with ThreadPoolExecutor(2) as pool:
-            servers = [
-                pool.submit(_echo_once, listeners[0], n, tls_server),
-                pool.submit(_echo_once, listeners[1], len(preface), _plain),
-            ]
-            assert _exchange(tls_port, sent, tls_client) == sent
-            assert _exchange(plain_port, preface, _plain) == preface
-            [f.result(timeout=30) for f in servers]
-        # tcpdump gets packets from the kernel in blocks, up to ~1 s late, and on SIGINT it drops
-        # those it has not read yet (whole connections go missing): wait until they are on file.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            report = read_pcap(path)
-            if min(report.bytes_to(tls_port), report.bytes_from(tls_port)) >= n and min(
-                report.bytes_to(plain_port), report.bytes_from(plain_port)
-            ) >= len(preface):
-                break
-            time.sleep(0.2)
+        with Capture(tmp_path / "lo.pcap", [tls_port, plain_port]) as capture:
+            sent = os.urandom(n)
+            preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(1000)
+            with ThreadPoolExecutor(2) as pool:
+                servers = [
+                    pool.submit(_echo_once, listeners[0], n, tls_server),
+                    pool.submit(_echo_once, listeners[1], len(preface), _plain),
+                ]
+                assert _exchange(tls_port, sent, tls_client) == sent
+                assert _exchange(plain_port, preface, _plain) == preface
+                [f.result(timeout=30) for f in servers]
+            report = capture.stop()
     finally:
-        tcpdump.send_signal(signal.SIGINT)
-        try:
-            tcpdump.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            tcpdump.kill()
-            tcpdump.communicate()
         for sock in listeners:
             sock.close()
-    report = read_pcap(path)
     tls = [s for s in report.streams if tls_port in (s.src[1], s.dst[1])]
     plaintext = [s for s in report.streams if plain_port in (s.src[1], s.dst[1])]
-    assert len(tls) == len(plaintext) == 2, banner
+    assert len(tls) == len(plaintext) == 2, report.streams
     assert [s.non_tls for s in tls] == ["", ""], report.non_tls
     assert sum(s.payload_bytes for s in tls) >= 2 * n and min(s.payload_bytes for s in tls) >= n
     assert all({22, 23} <= set(s.tls_types) for s in tls)

@@ -11,13 +11,18 @@ segments and a capture holds duplicates; a record boundary can only be checked o
 from __future__ import annotations
 
 import ipaddress
+import signal
 import struct
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TLS_TYPES = frozenset({20, 21, 22, 23, 24})  # ccs, alert, handshake, application_data, heartbeat
 MAX_RECORD = 2**14 + 2048  # TLSCiphertext.length limit (RFC 5246 §6.2.3)
 H2_PREFACE = b"PRI * HTTP/2.0"  # what a gRPC client sends first when it speaks without TLS
+# what an HTTP/1.x client sends first (Flower's REST transport, e.g. `flower-supernode --insecure`)
+HTTP1_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ")
 SYN = 0x02
 
 # First four bytes of a classic pcap file -> byte order (microsecond and nanosecond timestamps).
@@ -214,6 +219,8 @@ def _why_not_tls(head: bytes) -> str:
     """Why the bytes at a record boundary cannot start a TLS record; "" if they can, so far."""
     if head.startswith(H2_PREFACE):
         return "plaintext HTTP/2 (client connection preface 'PRI * HTTP/2.0')"
+    if head.startswith(HTTP1_METHODS):
+        return f"plaintext HTTP/1 (a {head.split(b' ', 1)[0].decode()} request)"
     if head[0] not in TLS_TYPES:
         if len(head) >= 9 and head[3] == 0x04 and head[5:9] == b"\0\0\0\0":
             return "plaintext HTTP/2 (a SETTINGS frame)"
@@ -228,3 +235,57 @@ def _why_not_tls(head: bytes) -> str:
 def _ep(endpoint: tuple[str, int]) -> str:
     ip, port = endpoint
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class Capture:
+    """``tcpdump -i lo`` on some TCP ports, from :meth:`start` until :meth:`stop` returns what it
+    saw. Needs tcpdump and root; always stop it (``with Capture(...) as cap``)."""
+
+    def __init__(self, path: Path, ports: list[int]):
+        self.path, self.ports = Path(path), ports
+        self.proc: subprocess.Popen | None = None
+        self.summary = ""  # tcpdump's last words: packets captured, dropped by the kernel
+
+    def __enter__(self) -> Capture:
+        bpf = " or ".join(f"tcp port {p}" for p in self.ports)
+        # a 256 MB kernel buffer: on a busy 2-core machine tcpdump is not always scheduled in
+        # time, and a full buffer loses packets (a gap in a stream)
+        argv = ["tcpdump", "-i", "lo", "-B", "262144", "-w", str(self.path), "-U", bpf]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        banner = ""
+        while "listening on" not in banner:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"tcpdump exited before listening: {banner}")
+            banner += line
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        self.summary = " ".join((err or "").split())
+
+    def stop(self, settle: float = 2.0, timeout: float = 20.0) -> WireReport:
+        """Stop once the capture file has not grown for ``settle`` seconds (tcpdump receives
+        packets from the kernel in blocks, late, and drops unread ones on SIGINT), then read it."""
+        deadline, size, still_since = time.monotonic() + timeout, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.path.stat().st_size if self.path.exists() else 0
+            if now != size:
+                size, still_since = now, time.monotonic()
+            elif time.monotonic() - still_since >= settle:
+                break
+            time.sleep(0.2)
+        self._end()
+        return read_pcap(self.path)

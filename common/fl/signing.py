@@ -94,17 +94,15 @@ def _read(path: Path, what: str) -> bytes:
         raise SigningKeyError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
 
 
-@lru_cache(maxsize=64)
-def load_private_key(path: str):
-    """An ECDSA P-384 private key (OpenSSH or PEM, no passphrase).
+def load_private_key_from_bytes(data: bytes, where: str = "key"):
+    """An ECDSA P-384 private key from OpenSSH or PEM bytes (no passphrase).
 
     Raises:
-        SigningKeyError: naming the file — unreadable, not a key, protected, or not P-384.
+        SigningKeyError: naming ``where`` — not a key, protected, or not P-384.
     """
     from cryptography.hazmat.primitives import serialization as s
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    data = _read(Path(path), "site's signing key")
     key = None
     for load in (s.load_ssh_private_key, s.load_pem_private_key):
         try:
@@ -114,10 +112,20 @@ def load_private_key(path: str):
             continue
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
         raise SigningKeyError(
-            f"{path}: not an unencrypted ECDSA P-384 private key (OpenSSH or PEM); "
+            f"{where}: not an unencrypted ECDSA P-384 private key (OpenSSH or PEM); "
             "`crossprobe certs` makes one per site"
         )
     return key
+
+
+@lru_cache(maxsize=64)
+def load_private_key(path: str):
+    """An ECDSA P-384 private key (OpenSSH or PEM, no passphrase).
+
+    Raises:
+        SigningKeyError: naming the file — unreadable, not a key, protected, or not P-384.
+    """
+    return load_private_key_from_bytes(_read(Path(path), "site's signing key"), str(path))
 
 
 @lru_cache(maxsize=256)
