@@ -47,6 +47,7 @@ def test_flwr_run_simulation_on_tiny_completes_and_cleans_up(tiny_run):
     # 11 requests and their replies: 2 query, 2 pretrain, 4 finetune,
     # 3 evaluate (2 test + source val)
     assert len(audit.ledgers) == 3 and audit.checked["matched messages"] == 22
+    assert audit.checked["signatures"] == 11  # every reply signed by its simulated site's key
     runs = [e for _, e in audit.ledgers[0].entries if e.get("event") == "run"]
     assert runs and runs[0]["run_id"] == summary["run_id"]
 
