@@ -8,6 +8,9 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# An offline build installs everything from a wheelhouse at this URL instead of the indexes
+# (CI: tests/test_compose_up.py serves one made from the wheels on its own disk).
+ARG WHEELS_URL=""
 ARG UID=49999
 
 ENV PYTHONUNBUFFERED=1 \
@@ -31,13 +34,21 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print(chr(10).join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
     > /tmp/requirements.txt
 RUN grep -E '^(torch|torchvision)\b' /tmp/requirements.txt > /tmp/torch.txt \
- && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
- && pip install -r /tmp/requirements.txt \
+ && if [ -n "${WHEELS_URL}" ]; then \
+      pip install --no-index --find-links "${WHEELS_URL}" \
+        --trusted-host "$(echo "${WHEELS_URL}" | sed -E 's#^[a-z]+://([^:/]+).*#\1#')" \
+        -r /tmp/requirements.txt; \
+    else \
+      pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
+      && pip install -r /tmp/requirements.txt; \
+    fi \
  && rm /tmp/requirements.txt /tmp/torch.txt
 
 # 2. the app itself (editable, so configs/ and the app folder that `flwr run /app` ships are the same)
 COPY . .
-RUN pip install --no-deps -e . \
+RUN if [ -n "${WHEELS_URL}" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="${WHEELS_URL}" \
+      PIP_TRUSTED_HOST="$(echo "${WHEELS_URL}" | sed -E 's#^[a-z]+://([^:/]+).*#\1#')"; fi \
+ && pip install --no-deps -e . \
  && mkdir -p /app/.flwr /certs /data /outputs /results /state \
  && chown -R ${UID}:${UID} /app/.flwr /outputs /results /state \
  && python -c "import flwr, torch, timm, crossprobe.cli, common, server, clients, deploy, simulations"
