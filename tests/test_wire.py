@@ -168,7 +168,7 @@ def test_reused_four_tuple_is_a_new_stream_and_pcapng_is_refused(tmp_path):
     report = capture(tmp_path, segs + [segs[-1]])  # the retransmitted last segment joins it
     first, second = report.streams
     assert (first.tls_records, first.non_tls, second.payload_bytes) == (5, "", 5)
-    assert second.non_tls.startswith("offset 0: byte 0x47")
+    assert second.non_tls == "offset 0: plaintext HTTP/1 (a GET request)"
     (tmp_path / "x.pcapng").write_bytes(b"\x0a\x0d\x0d\x0a" + bytes(40))
     with pytest.raises(ValueError, match="pcapng"):
         read_pcap(tmp_path / "x.pcapng")
