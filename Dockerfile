@@ -29,8 +29,8 @@ RUN groupadd --gid ${UID} app \
 WORKDIR /app
 
 # 1. torch from the chosen index (CPU by default), then the other dependencies from pyproject.toml:
-#    a layer that survives source edits.
-COPY pyproject.toml README.md ./
+#    a layer that survives source and documentation edits (only pyproject.toml goes in).
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print(chr(10).join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
     > /tmp/requirements.txt
 RUN grep -E '^(torch|torchvision)\b' /tmp/requirements.txt > /tmp/torch.txt \

@@ -31,6 +31,7 @@ WHEELHOUSE = Path(
     os.environ.get("CROSSPROBE_WHEELHOUSE", "/var/cache/crossprobe-engine/wheelhouse")
 )
 SITES = ("lumify", "telemed")  # configs/tiny.yaml
+IMAGE = "crossprobe:test"
 pytestmark = pytest.mark.slow
 
 
@@ -121,6 +122,7 @@ def demo(engine, wheels_url):
         **os.environ,
         "CROSSPROBE_EXPERIMENT": "configs/tiny.yaml",
         "CROSSPROBE_WHEELS_URL": wheels_url,
+        "CROSSPROBE_IMAGE": IMAGE,  # not a user's crossprobe:local
         "COMPOSE_HTTP_TIMEOUT": "600",
     }
     project = Project(f"crossprobe-ci-{os.getpid()}", env)
@@ -132,9 +134,9 @@ def demo(engine, wheels_url):
 
 def test_docker_compose_up_runs_the_demo_to_completed_and_its_ledgers_audit_clean(demo, tmp_path):
     t0 = time.monotonic()
-    demo("build", timeout=1500)
+    demo("build", "--force-rm", timeout=1500)
     built = time.monotonic() - t0
-    image = _sh("docker", "image", "inspect", "crossprobe:local", "-f", "{{.Size}}").stdout
+    image = _sh("docker", "image", "inspect", IMAGE, "-f", "{{.Size}}").stdout
     t1 = time.monotonic()
     demo("up", "-d", timeout=600)  # init (certs, data) first; the rest once it exited 0
     launch = demo.container("launch")
@@ -162,3 +164,92 @@ def test_docker_compose_up_runs_the_demo_to_completed_and_its_ledgers_audit_clea
     assert report.ok and report.checked["signatures"] == 11, report.render()
     demo.down()
     assert demo.leftovers() == []
+
+
+# ------------------------------------------------------------------ separate hospitals
+HOSPITALS = {"lumify": "source", "telemed": "target", "telemed2": "target"}  # tiny-3sites
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _owned(path: Path) -> Path:
+    """A host folder the containers' user (UID 49999) may write."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, 49999, 49999)
+    return path
+
+
+@pytest.fixture
+def hospitals(demo, tmp_path):
+    """The coordinator and one project per hospital, each with its own network; all taken down."""
+    projects: list[Project] = []
+    yield projects
+    for project in projects:
+        project.down()
+
+
+def test_separate_hospitals_join_only_through_the_superlinks_published_port(
+    demo, hospitals, tmp_path
+):
+    from deploy.certs import make_certs
+    from simulations.demo_data import demo_data
+
+    demo("build", "--force-rm", timeout=1500)  # the same image (cached when the demo test ran first)
+    config = "configs/tiny-3sites.yaml"
+    certs = tmp_path / "certs"  # the coordinator's name in the server certificate's SAN
+    make_certs(certs, list(HOSPITALS), hosts=["coordinator"])
+    _sh("chown", "-R", "49999:49999", str(certs))  # as `crossprobe certs --owner 49999` does
+    data = {p.parent.name: p for p in demo_data(APP_DIR / config, _owned(tmp_path / "data"))}
+    _sh("chown", "-R", "49999:49999", str(tmp_path / "data"))
+    port = _free_port()
+    base = {**demo.env, "CROSSPROBE_EXPERIMENT": config, "CROSSPROBE_RUN_NAME": "ci"}
+    coordinator = Project(
+        f"{demo.name}-coordinator",
+        {**base, "SUPERLINK_CERTS": str(certs / "superlink"), "SUPERLINK_PORT": str(port),
+         "RESULTS_DIR": str(_owned(tmp_path / "results"))},
+        ("deploy/coordinator.compose.yml",),
+    )  # fmt: skip
+    hospitals.append(coordinator)
+    coordinator("up", "-d", timeout=300)
+    # each hospital reaches the coordinator by name at the host's published port, nothing else
+    joins = tmp_path / "join.compose.yml"
+    joins.write_text('services:\n  supernode:\n    extra_hosts: ["coordinator:host-gateway"]\n')
+    for site, role in HOSPITALS.items():
+        env = {
+            **base,
+            "SITE_NAME": site,
+            "SITE_ROLE": role,
+            "SUPERLINK_ADDRESS": f"coordinator:{port}",
+            "SITE_CERTS": str(certs / "sites" / site),
+            "SITE_DATA": str(data[site]),
+            "SITE_OUTPUTS": str(_owned(tmp_path / "out" / site)),
+        }
+        hospital = Project(f"{demo.name}-{site}", env, ("deploy/site.compose.yml", str(joins)))
+        hospitals.append(hospital)
+        hospital("up", "-d", timeout=300)
+    networks = {
+        _sh("docker", "inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}"
+            "{{end}}", p.container("superlink" if p is coordinator else "supernode")).stdout
+        for p in hospitals
+    }  # fmt: skip
+    assert len(networks) == len(hospitals)  # four projects, four networks
+    t = time.monotonic()
+    launch = coordinator("--profile", "run", "run", "--rm", "launch", timeout=900, check=False)
+    assert launch.returncode == 0, launch.stdout[-4000:] + launch.stderr[-4000:]
+    assert "finished:completed" in launch.stdout
+    print(f"separate hospitals: tiny-3sites to finished:completed in {time.monotonic() - t:.0f} s")
+    report = audit_run(
+        tmp_path / "results" / "ci",
+        [tmp_path / "out" / site for site in HOSPITALS],
+        keys=certs / "superlink" / "supernodes",
+    )
+    assert report.ok and report.checked["signatures"] > 0, report.render()
+    for project in hospitals:
+        project.down()
+        assert project.leftovers() == []
