@@ -200,7 +200,7 @@ def test_separate_hospitals_join_only_through_the_superlinks_published_port(
     from deploy.certs import make_certs
     from simulations.demo_data import demo_data
 
-    demo("build", "--force-rm", timeout=1500)  # the same image (cached when the demo test ran first)
+    demo("build", "--force-rm", timeout=1500)  # the same image (cached after the demo test)
     config = "configs/tiny-3sites.yaml"
     certs = tmp_path / "certs"  # the coordinator's name in the server certificate's SAN
     make_certs(certs, list(HOSPITALS), hosts=["coordinator"])
