@@ -178,12 +178,13 @@ def phase_of(records: list[dict], message_type: str) -> str:
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """SHA-256 over the code that decides what may cross (contract, description, schema, guard):
-    recorded in every ledger so an auditor knows which rules enforced it."""
-    from common.fl import contract, describe, guard, schema
+    """SHA-256 over the code that decides what may cross and how it is signed (contract,
+    description, schema, guard, signing): recorded in every ledger so an auditor knows which rules
+    enforced it."""
+    from common.fl import contract, describe, guard, schema, signing
 
     h = hashlib.sha256()
-    for module in (contract, describe, schema, guard):
+    for module in (contract, describe, schema, guard, signing):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
