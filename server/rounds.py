@@ -172,14 +172,10 @@ class Exchange:
             raise Unverified(f"site {site.name!r} has no registered public key ({path})") from None
         rec = reply.content.config_records.get(SIGNATURE) if reply.has_content() else None
         value = rec.get(K_VALUE) if rec is not None else None
-        md = sent.msg.metadata
-        stmt = signing.statement(
+        stmt = signing.reply_statement(
+            sent.msg.metadata,
             run_id=self.run_id,
-            node=md.dst_node_id,
             site=site.name,
-            message_type=md.message_type,
-            group_id=md.group_id,
-            request_id=md.message_id or "",
             request=sent.digest,
             reply=signing.digest(records, skip=SIGNATURE),
         )

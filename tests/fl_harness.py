@@ -161,13 +161,10 @@ def sign_as_site(
     site = grid.contexts[md.dst_node_id].state.config_records["crossprobe-site"]
     if SIGNATURE in reply.content:
         del reply.content[SIGNATURE]
-    stmt = signing.statement(
+    stmt = signing.reply_statement(
+        md,
         run_id=RUN_ID,
-        node=md.dst_node_id,
         site=str(site["name"]),
-        message_type=md.message_type,
-        group_id=md.group_id,
-        request_id=md.message_id,
         request=signing.digest(describe(request.content)),
         reply=signing.digest(describe(reply.content)),
     )

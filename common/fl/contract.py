@@ -161,7 +161,7 @@ CARD_KEYS = frozenset(
     }
 )
 SCORE_NAMES = ("dice", "iou")  # = common.metrics.SCORES (not imported: that module needs torch)
-SIGNATURE_ALG, SIGNATURE_BYTES = "ecdsa-p384-sha384", 96  # = common.fl.signing.ALG / its size
+SIGNATURE_ALG, SIGNATURE_BYTES = "ecdsa-p384-sha384", 96  # what common/fl/signing.py makes
 NUMBER_BYTES = 8  # what one number may carry (a float64)
 
 

@@ -78,13 +78,10 @@ def _sign(site: SiteInfo, context: Context, msg: Message, request: list, records
         raise SiteFailure(
             "SigningKeyError: this site cannot sign its reply (its errors.log says why)"
         ) from None
-    stmt = signing.statement(
+    stmt = signing.reply_statement(
+        md,
         run_id=context.run_id,
-        node=context.node_id,
         site=site.name,
-        message_type=md.message_type,
-        group_id=md.group_id,
-        request_id=md.message_id or "",
         request=signing.digest(request),
         reply=signing.digest(records),
     )

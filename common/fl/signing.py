@@ -28,9 +28,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from common.errors import UserError
+from common.fl.contract import SIGNATURE_ALG, SIGNATURE_BYTES  # the contract names them once
 
-ALG = "ecdsa-p384-sha384"
-SIGNATURE_BYTES = 96  # r || s, 48 bytes each (P-384)
+ALG = SIGNATURE_ALG  # signatures are SIGNATURE_BYTES long: r || s, 48 bytes each (P-384)
 PRIVATE_SUFFIX, PUBLIC_SUFFIX = ".key", ".pub"
 
 
@@ -73,6 +73,23 @@ def statement(
             "reply": reply,
         }
     ).encode()
+
+
+def reply_statement(
+    request_md, *, run_id: int | None, site: str, request: str, reply: str
+) -> bytes:
+    """The statement for a reply to the message whose metadata is ``request_md`` (a Flower
+    ``Metadata``): what the guard signs and the server verifies, from the same fields."""
+    return statement(
+        run_id=run_id,
+        node=request_md.dst_node_id,
+        site=site,
+        message_type=request_md.message_type,
+        group_id=request_md.group_id,
+        request_id=request_md.message_id or "",
+        request=request,
+        reply=reply,
+    )
 
 
 def new_keypair() -> tuple[bytes, bytes]:
