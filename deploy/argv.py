@@ -111,14 +111,18 @@ def connection_toml(address: str, ca: str, name: str = CONNECTION) -> str:
     )
 
 
-def launch_argv(superlink: str, certs: str, experiment: str, run_dir: str) -> list[str]:
+def launch_argv(
+    superlink: str, certs: str, experiment: str, run_dir: str, extra: str = ""
+) -> list[str]:
     """The one-shot ``launch`` service: register keys, start the run, exit with its real status.
-    The ServerApp verifies every reply against the same public keys the SuperLink registers."""
+    The ServerApp verifies every reply against the same public keys the SuperLink registers.
+    ``extra`` is appended to the run config (compose: ``${CROSSPROBE_RUN_CONFIG:-}``, e.g. the
+    timeouts)."""
+    run_config = f'experiment="{experiment}" run-dir="{run_dir}" site-keys="{certs}/supernodes"'
     return [
         "crossprobe", "launch",
         "--superlink", superlink,
         "--ca", f"{certs}/{CA_CERT}",
         "--register", f"{certs}/supernodes",
-        "--run-config",
-        f'experiment="{experiment}" run-dir="{run_dir}" site-keys="{certs}/supernodes"',
+        "--run-config", f"{run_config} {extra}".strip(),
     ]  # fmt: skip

@@ -30,6 +30,7 @@ C_CERTS, C_DATA, C_OUTPUTS, C_RESULTS, C_STATE = "/certs", "/data", "/outputs", 
 C_NODE_KEY = f"{C_CERTS}/{NODE_KEY}"  # a site's SuperNode key: it also signs the site's replies
 UID = 49999  # like Flower's official images
 IMAGE = "${CROSSPROBE_IMAGE:-crossprobe:local}"
+RUN_CONFIG = "${CROSSPROBE_RUN_CONFIG:-}"  # more run config for launch, e.g. timeout-train=3600
 
 
 def _service(command: list[str], volumes: list[str], **extra: Any) -> dict[str, Any]:
@@ -121,7 +122,13 @@ def demo_compose(config: Path = APP_DIR / "configs" / "demo.yaml") -> dict[str, 
     for name, role in sites:
         services.update(_demo_site(name, role, superlink))
     services["launch"] = _service(
-        launch_argv(superlink, C_CERTS, experiment, f"{C_RESULTS}/${{CROSSPROBE_RUN_NAME:-demo}}"),
+        launch_argv(
+            superlink,
+            C_CERTS,
+            experiment,
+            f"{C_RESULTS}/${{CROSSPROBE_RUN_NAME:-demo}}",
+            RUN_CONFIG,
+        ),
         ["certs-superlink:/certs:ro"],
         depends_on={
             "serverapp": {"condition": "service_started"},
@@ -184,7 +191,7 @@ def coordinator_compose() -> dict[str, Any]:
             ),
             "launch": _service(
                 launch_argv(f"superlink:{PORT}", C_CERTS, experiment,
-                            f"{C_RESULTS}/${{CROSSPROBE_RUN_NAME:-run}}"),
+                            f"{C_RESULTS}/${{CROSSPROBE_RUN_NAME:-run}}", RUN_CONFIG),
                 [certs], profiles=["run"],
                 depends_on={"serverapp": {"condition": "service_started"}},
             ),

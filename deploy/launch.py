@@ -114,15 +114,33 @@ def launch(
     return {**entry, "run-id": run_id, "fab-hash": ans.get("fab-hash")}
 
 
+SUPERLINK_AWAY = 300.0  # seconds launch keeps polling a SuperLink that does not answer (restart)
+
+
 def _wait_for_end(run_id: int, env: dict[str, str], timeout: float, poll: float, say) -> dict:
-    """Poll ``flwr ls`` until the run has finished; its entry."""
-    t0, status = time.monotonic(), ""
+    """Poll ``flwr ls`` until the run has finished; its entry. A SuperLink that restarts (its
+    state kept) does not answer for a while; the run goes on, and so does the polling.
+
+    Raises:
+        LaunchError: the SuperLink did not answer for ``SUPERLINK_AWAY`` seconds.
+    """
+    t0, status, away = time.monotonic(), "", None
     while True:
-        runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env).get("runs") or [{}]
-        entry = runs[0]
-        if entry.get("status") != status:
-            status = str(entry.get("status"))
+        try:
+            ans = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env)
+            why = str(ans.get("error-message", "no such run"))
+        except (LaunchError, subprocess.TimeoutExpired) as err:
+            ans, why = {}, str(err)
+        entry = (ans.get("runs") or [{}])[0]
+        if not entry.get("status"):  # the SuperLink is away (or restarting): ask again
+            away = away or time.monotonic()
+            if time.monotonic() - away > SUPERLINK_AWAY:
+                raise LaunchError(f"run {run_id}: no status for {SUPERLINK_AWAY:.0f} s: {why}")
+        elif entry["status"] != status:
+            away, status = None, str(entry["status"])
             say(f"[launch] run {run_id}: {status} ({time.monotonic() - t0:.0f} s)")
+        else:
+            away = None
         if status.startswith("finished"):
             return entry
         if timeout and time.monotonic() - t0 > timeout:

@@ -106,15 +106,19 @@ def _check_pair(crt: Path, key: Path, ca_cert) -> str:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no message
         raise ValueError(f"{crt}: not signed by the CA ({type(err).__name__})") from None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ValueError(
-            f"{crt}: not valid now "
-            f"(valid {cert.not_valid_before_utc} .. {cert.not_valid_after_utc})"
-        )
+    _check_valid_now(crt, cert)
     if _pub_bytes(cert.public_key()) != _pub_bytes(k.public_key()):
         raise ValueError(f"{key}: does not match {crt}")
     return f"{crt.name} signed by the CA, matches {key.name}"
+
+
+def _check_valid_now(path: Path, cert) -> None:
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ValueError(
+            f"{path}: not valid now "
+            f"(valid {cert.not_valid_before_utc} .. {cert.not_valid_after_utc})"
+        )
 
 
 def _pub_bytes(pub) -> bytes:
@@ -159,6 +163,7 @@ def _check_certs(certs: Path) -> tuple[int, str]:
         return Exit.CERTS_MISSING, f"{certs / SECRET}: empty"
     try:
         ca = _pem_cert(certs / CA_CERT, raw[CA_CERT])
+        _check_valid_now(certs / CA_CERT, ca)  # an expired CA fails every TLS handshake
         if site:
             notes = [
                 _check_node_key(certs, raw),

@@ -2,6 +2,12 @@
 contract and logged in the server's hash-chained ledger, and the example-weighted average of
 same-role sites' weights.
 
+A round survives a site that drops off the network or restarts: when the SuperLink reports the
+node unavailable (it missed its heartbeats) or the node comes back with a new activation, the
+message it held is lost; the server notes it as abandoned in its ledger and sends the same job
+again once the node is online, all within the round's timeout. The jobs are deterministic, so the
+result is the one an uninterrupted round gives.
+
 The workflow (``server/workflow.py``) says *what* each phase sends; this module is *how* it crosses.
 """
 
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -34,7 +41,7 @@ from common.fl.contract import (
     check,
 )
 from common.fl.describe import describe
-from common.fl.ledger import SERVER, Ledger, message_entry
+from common.fl.ledger import SERVER, Ledger, message_entry, now
 
 
 class WorkflowError(RuntimeError):
@@ -86,12 +93,30 @@ class Job:
 
 @dataclass
 class Sent:
-    """A message as it went out: the job, its description, and the digest its reply signs."""
+    """A message as it went out: the job, its description, the digest its reply signs, and when
+    its node was last activated as the SuperLink saw it then ("" = not known)."""
 
     msg: Message
     job: Job
     records: list[dict]
     digest: str
+    phase: str
+    activated: str = ""
+
+    def lost_by(self, online: dict[int, str]) -> bool:
+        """Did the node come back (restart, or offline and online again) since it was sent? Its
+        SuperNode then no longer holds the message."""
+        now_activated = online.get(self.job.node_id, "")
+        return bool(self.activated and now_activated and now_activated != self.activated)
+
+
+def unavailable_notice(reply: Message) -> bool:
+    """The SuperLink's own error reply for a message whose node missed its heartbeats."""
+    return (
+        reply.metadata.src_node_id == SUPERLINK_NODE_ID
+        and reply.has_error()
+        and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    )
 
 
 @dataclass
@@ -122,6 +147,8 @@ class Exchange:
         self.grid, self.cfg, self.ledger, self.run_id, self.log = grid, cfg, ledger, run_id, log
         self.site_keys = Path(site_keys)
         self.phase_logs: dict[str, PhaseLog] = {}
+        self.poll = float(getattr(grid, "pull_interval", 3.0))  # seconds between pulls
+        self.registered: dict[int, str] = {}  # node id -> name its key was registered under
 
     def log_message(
         self, phase: str, direction: str, msg: Message, site: Site | None, records, **extra
@@ -141,7 +168,7 @@ class Exchange:
         )
 
     def _outgoing(self, phase: str, rnd: int, job: Job, timeout: float) -> Sent:
-        """The message of one job, checked against the contract and logged before it is sent."""
+        """The message of one job, checked against the contract (it is logged once pushed)."""
         role = job.site.role if job.site else ""
         records = describe(job.content)
         check("request", job.message_type, role, records, self.cfg)
@@ -153,8 +180,7 @@ class Exchange:
             group_id=f"{phase}/{job.key}/{name}/r{rnd}",
             ttl=timeout + 60,
         )
-        self.log_message(phase, "out", msg, job.site, records)
-        return Sent(msg, job, records, signing.digest(records))
+        return Sent(msg, job, records, signing.digest(records), phase)
 
     def _verify(self, sent: Sent, reply: Message, site: Site, records: list[dict]) -> dict:
         """Check the site's signature of ``reply`` (answering ``sent``) against its registered key.
@@ -216,7 +242,7 @@ class Exchange:
             job.node_id, reply.content if reply.has_content() else None
         )
         if job.site is None:
-            where = f"node {job.node_id} failed in phase {phase!r} ({job.message_type})"
+            where = f"{self.who(job)} failed in phase {phase!r} ({job.message_type})"
         else:
             where = (
                 f"site {site.name!r} ({site.role}) failed in phase {phase!r} "
@@ -238,17 +264,74 @@ class Exchange:
         sent = pending.get(reply.metadata.reply_to_message_id)
         if sent is None:
             return None
-        if reply.metadata.src_node_id != sent.msg.metadata.dst_node_id:
+        from_superlink = reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error()
+        if reply.metadata.src_node_id != sent.msg.metadata.dst_node_id and not from_superlink:
             raise WorkflowError(
                 f"node {reply.metadata.src_node_id} answered a message sent to node "
                 f"{sent.msg.metadata.dst_node_id} ({sent.msg.metadata.group_id}): refused"
             )
         return pending.pop(reply.metadata.reply_to_message_id)
 
+    def online(self) -> dict[int, str]:
+        """Node id -> when the SuperLink last activated it, for every node online now (and the
+        name each was registered under, for messages about nodes not yet discovered)."""
+        nodes = list(self.grid.get_nodes())
+        self.registered.update({int(n.node_id): str(n.name) for n in nodes if n.name})
+        return {int(n.node_id): str(n.last_activated_at) for n in nodes}
+
+    def who(self, job: Job) -> str:
+        """A job's site by name, or its node and the name the node was registered under."""
+        if job.site is not None:
+            return repr(job.site.name)
+        name = self.registered.get(job.node_id)
+        return f"node {job.node_id}" + (f" (registered as {name!r})" if name else "")
+
+    def _push(self, sent: list[Sent], online: dict[int, str]) -> dict[str, Sent]:
+        """Push messages and log each with the id the grid gave it; id -> what was sent.
+
+        Raises:
+            WorkflowError: the SuperLink did not take a message (too large, or malformed).
+        """
+        ids = list(self.grid.push_messages([s.msg for s in sent]))
+        if len(ids) != len(sent) or None in ids:
+            groups = ", ".join(s.msg.metadata.group_id for s in sent)
+            raise WorkflowError(f"the SuperLink did not take message(s) {groups} (too large?)")
+        for mid, s in zip(ids, sent, strict=True):
+            s.msg.metadata.__dict__["_message_id"] = mid  # as the grid set it, for the ledger
+            s.activated = online.get(s.job.node_id, "")
+            self.log_message(s.phase, "out", s.msg, s.job.site, s.records)
+        return dict(zip(ids, sent, strict=True))
+
+    def _abandon(self, phase: str, sent: Sent, reason: str) -> Job:
+        """Note in the ledger that the server stopped waiting for ``sent`` (its node lost it)."""
+        site = sent.job.site
+        md = sent.msg.metadata
+        name = self.who(sent.job)
+        self.ledger.append(
+            {
+                "event": "abandoned",
+                "time": now(),
+                "run_id": self.run_id,
+                "party": SERVER,
+                "site": site.name if site else "",
+                "phase": phase,
+                "message_type": md.message_type,
+                "group_id": md.group_id,
+                "message_id": md.message_id,
+                "dst_node": sent.job.node_id,
+                "reason": reason,
+            }
+        )
+        self.log(f"{phase}: {name} lost {md.group_id} ({reason}); it is sent again when online")
+        return sent.job
+
     def round(
         self, phase: str, rnd: int, rounds: int, jobs: list[Job], timeout: float
     ) -> dict[str, list[tuple[Site, RecordDict]]]:
-        """Send all jobs in one ``send_and_receive``; return replies grouped by job key.
+        """Send all jobs, pull their replies until all are in; return them grouped by job key.
+
+        A job whose node lost its message (the SuperLink reports the node unavailable, or the node
+        was activated again since) is sent again once the node is online, within ``timeout``.
 
         Raises:
             WorkflowError: a site replied with an error, sent something not allowed or not signed
@@ -260,23 +343,41 @@ class Exchange:
         names = ", ".join(sorted({f"{j.site.name if j.site else j.node_id}:{j.key}" for j in jobs}))
         self.log(f"{phase} round {rnd}/{rounds}: {len(sent)} message(s) → {names}")
         t = time.monotonic()
+        deadline = t + timeout
         out: dict[str, list[tuple[Site, RecordDict]]] = {}
-        pending: dict[str, Sent] | None = None
-        for reply in self.grid.send_and_receive([s.msg for s in sent], timeout=timeout):
-            if pending is None:  # the grid has given every pushed message its id by now
-                pending = {s.msg.metadata.message_id: s for s in sent}
-            match = self._match(reply, pending)
-            if match is None:
-                self.log(f"{phase}: ignored a reply from node {reply.metadata.src_node_id} "
-                         "to no message of this round")  # fmt: skip
-                continue
-            site = self._accept(phase, rnd, match, reply)
-            plog.bytes_received += messages.record_bytes(reply.content)
-            out.setdefault(match.job.key, []).append((site, reply.content))
-        left = sent if pending is None else list(pending.values())
+        pending = self._push(sent, self.online())
+        lost: list[Job] = []  # sent again once their node is back online
+        while True:
+            for reply in self.grid.pull_messages(list(pending)):
+                match = self._match(reply, pending)
+                if match is None:
+                    self.log(f"{phase}: ignored a reply from node {reply.metadata.src_node_id} "
+                             "to no message of this round")  # fmt: skip
+                elif unavailable_notice(reply):
+                    reason = "the SuperLink reports the node unavailable: no heartbeat"
+                    lost.append(self._abandon(phase, match, reason))
+                else:
+                    site = self._accept(phase, rnd, match, reply)
+                    plog.bytes_received += messages.record_bytes(reply.content)
+                    out.setdefault(match.job.key, []).append((site, reply.content))
+            online = self.online()
+            for mid, s in list(pending.items()):
+                if s.lost_by(online):
+                    del pending[mid]
+                    lost.append(self._abandon(phase, s, "the node was activated again"))
+            back = [job for job in lost if job.node_id in online]
+            left_s = deadline - time.monotonic()
+            if back and left_s > 0:
+                lost = [job for job in lost if job not in back]
+                again = [self._outgoing(phase, rnd, job, left_s) for job in back]
+                plog.bytes_sent += sum(messages.record_bytes(job.content) for job in back)
+                pending.update(self._push(again, online))
+            if (not pending and not lost) or left_s <= 0:
+                break
+            time.sleep(min(self.poll, left_s))
+        left = [s.job for s in pending.values()] + lost
         if left:
-            who = [(s.job.site.name if s.job.site else s.job.node_id, s.job.key) for s in left]
-            missing = ", ".join(sorted(f"{name!r} ({key})" for name, key in who))
+            missing = ", ".join(sorted(f"{self.who(job)} ({job.key})" for job in left))
             raise WorkflowError(
                 f"phase {phase!r} round {rnd}: no reply within {timeout:.0f} s from site(s) "
                 f"{missing}"

@@ -206,15 +206,23 @@ class Workflow:
         expected = self.s.min_nodes or len(self.cfg.sites)
         deadline = time.monotonic() + self.s.node_wait
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(self.exchange.online())
             if nodes and len(nodes) >= expected:
                 return nodes
             if time.monotonic() > deadline:
                 raise WorkflowError(
                     f"phase 'discover': {len(nodes)} node(s) connected after "
                     f"{self.s.node_wait:.0f} s, expected {max(expected, 1)} (one per site)"
+                    + self._not_connected(nodes)
                 )
             time.sleep(0.5)
+
+    def _not_connected(self, nodes: list[int]) -> str:
+        """The experiment's sites no connected node was registered as (deployment: each
+        SuperNode key is registered under its site's name)."""
+        names = {self.exchange.registered.get(n) for n in nodes} - {None}
+        missing = [s.name for s in self.cfg.sites if s.name not in names]
+        return f"; not connected: {', '.join(map(repr, missing))}" if names and missing else ""
 
     def _check_sites(self) -> None:
         """Roles agree with the experiment; a target and a labeled source are there."""

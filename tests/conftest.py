@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.compose import engine, wheels_url  # noqa: F401  (fixtures of the container tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # tests name configs/*.yaml relative to the repository root
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

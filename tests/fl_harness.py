@@ -18,7 +18,8 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
@@ -63,13 +64,20 @@ class InProcessGrid(Grid):
 
     ``node_configs`` gives each node its ``node_config`` (simulation: partition-id; deployment:
     site/role/data-dir). Nodes listed in ``silent`` never answer (a timeout, as the server sees it).
+    A node in ``outage`` (node -> how many of its next messages) loses its reply to the network
+    and the SuperLink answers ``NODE_UNAVAILABLE`` instead; one in ``restarts`` loses it to a
+    SuperNode restart (no reply, a new activation). Either way the site ran the job.
     """
 
     client_app: ClientApp
     node_configs: list[dict[str, Any]]
     run_config: dict[str, Any] = field(default_factory=dict)
     silent: set[int] = field(default_factory=set)
+    outage: dict[int, int] = field(default_factory=dict)
+    restarts: dict[int, int] = field(default_factory=dict)
     log: list[Sent] = field(default_factory=list)
+    pull_interval: float = 0.01  # seconds the server waits between pulls (Flower's grids: 3)
+    names: dict[int, str] = field(default_factory=dict)  # the names node keys were registered as
 
     def __post_init__(self) -> None:
         self._run = Run.create_empty(RUN_ID)
@@ -78,6 +86,7 @@ class InProcessGrid(Grid):
             for i, nc in enumerate(self.node_configs)
         }
         self._inbox: dict[str, Message] = {}
+        self.activations = dict.fromkeys(self.contexts, 1)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -93,6 +102,22 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [
+            NodeInfo(
+                node_id=n,
+                last_activated_at=f"activation-{self.activations[n]}",
+                name=self.names.get(n, ""),
+            )
+            for n in self.contexts
+        ]
+
+    def _loses(self, faults: dict[int, int], node: int) -> bool:
+        if faults.get(node, 0) <= 0:
+            return False
+        faults[node] -= 1
+        return True
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -125,7 +150,14 @@ class InProcessGrid(Grid):
             msg = self._inbox.pop(mid, None)
             if msg is None or msg.metadata.dst_node_id in self.silent:
                 continue
+            node = msg.metadata.dst_node_id
             reply = self._handle(msg)
+            if self._loses(self.restarts, node):
+                self.activations[node] += 1
+                continue
+            if self._loses(self.outage, node):
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "no heartbeat"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             copy, size = wire(reply)
             sent = next(

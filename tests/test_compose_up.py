@@ -1,128 +1,50 @@
 """`docker-compose up --build` of the two-site demo, for real: the image built from the project's
 Dockerfile, one container per role, TLS, SuperNode auth, signed replies — to `launch` exiting 0,
 then the report copied out of the results volume and `crossprobe audit` run on the server ledger
-and on each site's ledger taken from that site's own volume.
+and on each site's ledger taken from that site's own volume. Then, on the same containers, the
+faults a hospital network brings (docs/deployment.md, "When things fail"), and the coordinator and
+three hospitals as separate compose projects.
 
-Needs a Docker engine (`deploy/docker-engine.sh`; `.ci/run` runs it). The image installs from a
-wheelhouse made from the wheels on this machine's disk and served over HTTP to the build (no
-registry, no index is reached): torch as pip resolves it here (2.14.1 with its CUDA libraries: a
-CPU build of torch cannot be paired with the CUDA build of torchvision that timm imports).
-Compose v1 (`docker-compose`) drives it, as on Debian.
+Needs a Docker engine (`deploy/docker-engine.sh`; `.ci/run` runs it); tests/compose.py builds the
+image from the wheels on this machine's disk.
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
+import json
 import os
-import re
-import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from common.fl.audit import audit_run
+from deploy.argv import node_config, supernode_argv
 from deploy.compose import APP_DIR
-
-WHEELHOUSE = Path(
-    os.environ.get("CROSSPROBE_WHEELHOUSE", "/var/cache/crossprobe-engine/wheelhouse")
+from tests.compose import (
+    IMAGE,
+    UID,
+    Project,
+    expired_ca,
+    free_port,
+    owned,
+    sh,
+    site_messages,
+    wait_until,
 )
+
 SITES = ("lumify", "telemed")  # configs/tiny.yaml
-IMAGE = "crossprobe:test"
 pytestmark = pytest.mark.slow
 
 
-def _sh(*argv: str, timeout: float = 120, env=None, check=True) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        argv, cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {out.returncode}:\n{out.stdout[-3000:]}"
-                             f"\n{out.stderr[-3000:]}")  # fmt: skip
-    return out
-
-
 @pytest.fixture(scope="module")
-def engine() -> None:
-    ok = (
-        shutil.which("docker-compose")
-        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    )
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no Docker engine: .ci/run prepares one with deploy/docker-engine.sh")
-        pytest.skip("no Docker engine (sudo deploy/docker-engine.sh)")
-
-
-@pytest.fixture(scope="module")
-def wheels_url(engine):
-    """The project's dependencies as wheels, served to the image build on the docker bridge."""
-    if not any(WHEELHOUSE.glob("torch-*.whl")):
-        import tomllib
-
-        deps = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
-        _sh("pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:", *deps,
-            "setuptools", "wheel", timeout=900)  # fmt: skip
-    gateway = _bridge_gateway()
-    handler = functools.partial(QuietHandler, directory=str(WHEELHOUSE))
-    server = http.server.ThreadingHTTPServer((gateway, 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://{gateway}:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _bridge_gateway() -> str:
-    """The host's address on the default bridge, where build containers reach it (docker0; the
-    daemon does not always fill IPAM's Gateway field)."""
-    out = _sh("ip", "-4", "-o", "addr", "show", "docker0").stdout
-    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
-    assert match, f"no IPv4 address on docker0: {out}"
-    return match.group(1)
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # pip fetches hundreds of files
-        pass
-
-
-class Project:
-    """One compose project (its own name, network, volumes), always taken down."""
-
-    def __init__(self, name: str, env: dict[str, str], files: tuple[str, ...] = ()):
-        self.name, self.env = name, env
-        self.args = ["docker-compose", "-p", name, *(a for f in files for a in ("-f", f))]
-
-    def __call__(self, *argv: str, timeout: float = 120, check=True):
-        return _sh(*self.args, *argv, timeout=timeout, env=self.env, check=check)
-
-    def container(self, service: str) -> str:
-        return self("ps", "-q", service).stdout.strip()
-
-    def copy_out(self, service: str, path: str, dest: Path) -> Path:
-        _sh("docker", "cp", f"{self.container(service)}:{path}", str(dest))
-        return dest
-
-    def down(self) -> None:
-        self("down", "-v", "--remove-orphans", "-t", "5", timeout=300, check=False)
-
-    def leftovers(self) -> list[str]:
-        label = f"label=com.docker.compose.project={self.name}"
-        return _sh("docker", "ps", "-aq", "--filter", label).stdout.split()
-
-
-@pytest.fixture
 def demo(engine, wheels_url):
     env = {
         **os.environ,
         "CROSSPROBE_EXPERIMENT": "configs/tiny.yaml",
         "CROSSPROBE_WHEELS_URL": wheels_url,
-        "CROSSPROBE_IMAGE": IMAGE,  # not a user's crossprobe:local
+        "CROSSPROBE_IMAGE": IMAGE,
         "COMPOSE_HTTP_TIMEOUT": "600",
     }
     project = Project(f"crossprobe-ci-{os.getpid()}", env)
@@ -132,57 +54,174 @@ def demo(engine, wheels_url):
         project.down()
 
 
-def test_docker_compose_up_runs_the_demo_to_completed_and_its_ledgers_audit_clean(demo, tmp_path):
+@pytest.fixture(scope="module")
+def calm(demo, tmp_path_factory) -> dict:
+    """What the README says a user does: build, `up`, wait for `launch` to exit; the run is left
+    up for the fault test. Returns what came of it (the report copied out of its volume)."""
+    out = tmp_path_factory.mktemp("calm")
     t0 = time.monotonic()
     demo("build", "--force-rm", timeout=1500)
     built = time.monotonic() - t0
-    image = _sh("docker", "image", "inspect", IMAGE, "-f", "{{.Size}}").stdout
+    image = int(sh("docker", "image", "inspect", IMAGE, "-f", "{{.Size}}").stdout)
     t1 = time.monotonic()
     demo("up", "-d", timeout=600)  # init (certs, data) first; the rest once it exited 0
     launch = demo.container("launch")
     assert launch, demo("ps").stdout
-    code = int(_sh("docker", "wait", launch, timeout=900).stdout.strip())
+    code = int(sh("docker", "wait", launch, timeout=900).stdout.strip())
     finished = time.monotonic() - t1
+    print(f"compose: image {image / 1e6:.0f} MB built in {built:.0f} s; "
+          f"up to launch exiting {code} in {finished:.0f} s")  # fmt: skip
     logs = demo("logs", "--no-color", "launch", check=False).stdout
-    assert code == 0, (
-        f"launch exited {code}:\n{logs[-4000:]}\n"
-        + demo("logs", "--no-color", "--tail", "60", check=False).stdout[-8000:]
-    )
-    assert "finished:completed" in logs, logs[-2000:]
-    print(
-        f"compose: image {int(image) / 1e6:.0f} MB built in {built:.0f} s; "
-        f"up to finished:completed in {finished:.0f} s"
-    )
+    if code != 0:
+        logs += demo("logs", "--no-color", "--tail", "60", check=False).stdout[-8000:]
+    results = out / "results"
+    if code == 0:
+        demo.copy_out("serverapp", "/results/demo", results)
+    return {"code": code, "logs": logs, "results": results, "out": out}
+
+
+def test_docker_compose_up_runs_the_demo_to_completed_and_its_ledgers_audit_clean(demo, calm):
+    assert calm["code"] == 0, f"launch exited {calm['code']}:\n{calm['logs'][-8000:]}"
+    assert "finished:completed" in calm["logs"], calm["logs"][-2000:]
     # what a user does next: the report out of the results volume, each ledger out of its volume
-    results = demo.copy_out("serverapp", "/results/demo", tmp_path / "results")
+    results = calm["results"]
     assert (results / "report.md").is_file() and (results / "results.json").is_file()
-    keys = demo.copy_out("serverapp", "/certs/supernodes", tmp_path / "keys")
+    keys = demo.copy_out("serverapp", "/certs/supernodes", calm["out"] / "keys")
     outputs = [
-        demo.copy_out(f"clientapp-{s}", "/outputs", tmp_path / f"outputs-{s}") for s in SITES
+        demo.copy_out(f"clientapp-{s}", "/outputs", calm["out"] / f"outputs-{s}") for s in SITES
     ]
     report = audit_run(results, outputs, keys=keys)
     assert report.ok and report.checked["signatures"] == 11, report.render()
+
+
+# ------------------------------------------------------------------ faults
+FAULT_RUN_CONFIG = "timeout-train=300 timeout-evaluate=180"  # well above the calm run's rounds
+HEARTBEAT_LAPSE = 75  # seconds: longer than Flower's heartbeat patience (2 x 30 s)
+
+
+def _dice(results: Path) -> dict:
+    tables = json.loads((results / "results.json").read_text())["tables"]
+    return {site: {m: row["dice"] for m, row in t.items()} for site, t in tables.items()}
+
+
+def _rogue_sites(demo: Project, certs: Path, tmp_path: Path) -> dict[str, tuple[list, str]]:
+    """Site containers that must not get in: (volume folder or "", argv, what Flower says)."""
+    expired = tmp_path / "expired-ca"
+    expired.mkdir()
+    for f in (certs / "sites" / "telemed").iterdir():
+        (expired / f.name).write_bytes(f.read_bytes())
+    (expired / "ca.crt").write_bytes(expired_ca(certs / "ca"))
+    sh("chown", "-R", f"{UID}:{UID}", str(expired))
+    telemed = node_config("telemed", "target", "/data", "/outputs", "/certs/supernode.key")
+    argv = [*supernode_argv("/certs", "superlink:9093", "0.0.0.0", 9094, telemed, max_retries=1),
+            "--max-wait-time", "15"]  # fmt: skip
+    return {
+        "another site's key": (certs / "sites" / "lumify", argv, "Failed to activate SuperNode"),
+        "an expired CA certificate": (expired, argv, "certificate has expired"),
+        "plaintext": (None, ["flower-supernode", "--insecure", "--superlink", "superlink:9093",
+                             "--isolation", "process", "--max-retries", "1", "--max-wait-time",
+                             "15"], "could not establish a connection"),
+    }  # fmt: skip
+
+
+def test_a_hospital_network_cut_a_killed_supernode_and_a_superlink_restart_leave_the_study_as_if_uninterrupted(  # noqa: E501
+    demo, calm, tmp_path
+):
+    assert calm["code"] == 0, "the uninterrupted run failed; see the demo test"
+    net = f"{demo.name}_default"
+    certs = demo.copy_out("init", "/init/certs", tmp_path / "certs")
+    sh("chown", "-R", f"{UID}:{UID}", str(certs))
+    # a site started with another site's key, an expired CA certificate, or plaintext: refused
+    # by the SuperLink (or refusing it) before it joins; the federation does not notice
+    for i, (what, (folder, argv, says)) in enumerate(_rogue_sites(demo, certs, tmp_path).items()):
+        mount = ["-v", f"{folder}:/certs:ro"] if folder else []
+        rogue = sh("docker", "run", "--rm", "--name", f"{demo.name}-rogue-{i}", "--label",
+                   f"com.docker.compose.project={demo.name}", "--network", net, *mount, IMAGE,
+                   *argv, timeout=180, check=False)  # fmt: skip
+        said = rogue.stdout + rogue.stderr
+        assert rogue.returncode != 0 and says in said, f"{what}: exit {rogue.returncode}\n{said}"
+    # the same study again, through three faults; each recovery timed from the fault's end
+    env = {**demo.env, "CROSSPROBE_RUN_NAME": "faults", "CROSSPROBE_RUN_CONFIG": FAULT_RUN_CONFIG}
+    runs = Project(demo.name, env)
+    launch_log = tmp_path / "launch-1.log"
+    with launch_log.open("w") as log:
+        first = subprocess.Popen([*runs.args, "run", "--rm", "--no-deps", "launch"], cwd=APP_DIR,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        recovery = _inject_faults(demo, net)
+        # lumify's SuperNode stopped mid-evaluation and not back within timeout-evaluate: the run
+        # ends, and FAILED.json names the site and the phase
+        lumify = demo.container("clientapp-lumify")
+        wait_until(lambda: site_messages(lumify, "in", "evaluate") >= 1, 300, "evaluation")
+        stopped = time.monotonic()
+        sh("docker", "stop", "-t", "5", demo.container("supernode-lumify"))
+        assert first.wait(timeout=600) != 0, launch_log.read_text()[-3000:]
+        recovery["site gone past the timeout (ends)"] = time.monotonic() - stopped
+    finally:
+        if first.poll() is None:
+            first.kill()
+    failed = demo("exec", "-T", "serverapp", "cat", "/results/faults/FAILED.json").stdout
+    failed = json.loads(failed)
+    assert "'lumify'" in failed["error"] and "'evaluate'" in failed["error"], failed
+    assert failed["completed"] == ["pretrain", "finetune"], failed
+    # the site back, `launch` again: it resumes after the last completed phase
+    sh("docker", "start", demo.container("supernode-lumify"))
+    t = time.monotonic()
+    again = runs("run", "--rm", "--no-deps", "launch", timeout=900, check=False)
+    assert again.returncode == 0 and "finished:completed" in again.stdout, again.stdout[-4000:]
+    recovery["rerun launch (evaluate only)"] = time.monotonic() - t
+    results = demo.copy_out("serverapp", "/results/faults", tmp_path / "results")
+    phases = json.loads((results / "results.json").read_text())["phases"]
+    assert [p["phase"] for p in phases if p["resumed"]] == ["pretrain", "finetune"], phases
+    assert _dice(results) == _dice(calm["results"])  # as if nothing had happened
+    server = [json.loads(line) for line in (results / "ledger.jsonl").read_text().splitlines()]
+    lost = {(e["site"], e["phase"]) for e in server if e.get("event") == "abandoned"}
+    assert {("telemed", "pretrain"), ("lumify", "finetune"), ("lumify", "evaluate")} <= lost
+    keys = demo.copy_out("serverapp", "/certs/supernodes", tmp_path / "keys")
+    outputs = [demo.copy_out(f"clientapp-{s}", "/outputs", tmp_path / f"out-{s}") for s in SITES]
+    report = audit_run(results, outputs, keys=keys)
+    assert report.ok, report.render()
+    print("faults: " + "; ".join(f"{k} {v:.0f} s" for k, v in recovery.items()))
     demo.down()
-    assert demo.leftovers() == []
+    assert demo.leftovers() == []  # nothing left running, the rogue sites' containers included
+
+
+def _inject_faults(demo: Project, net: str) -> dict[str, float]:
+    """During the run `launch` started: cut telemed's network mid-pretraining for longer than
+    its heartbeat, kill lumify's SuperNode mid-fine-tuning and start it again, restart the
+    SuperLink (its state volume kept). Returns the seconds from each fault's end until the run
+    moved on (the site got its job again; for the SuperLink, the next phase began)."""
+    sites = {s: demo.container(f"clientapp-{s}") for s in SITES}
+    supernodes = {s: demo.container(f"supernode-{s}") for s in SITES}
+
+    def jobs(site: str, phase: str) -> int:
+        return site_messages(sites[site], "in", phase)
+
+    recovery = {}
+    wait_until(lambda: jobs("telemed", "pretrain") >= 1, 300, "telemed's first pretraining job")
+    sh("docker", "network", "disconnect", net, supernodes["telemed"])
+    time.sleep(HEARTBEAT_LAPSE)
+    sh("docker", "network", "connect", "--alias", "supernode-telemed", net, supernodes["telemed"])
+    n = jobs("telemed", "pretrain")
+    recovery["network cut 75 s (pretrain)"] = wait_until(
+        lambda: jobs("telemed", "pretrain") > n, 300, "telemed's pretraining job sent again"
+    )
+    wait_until(lambda: jobs("lumify", "finetune") >= 1, 400, "lumify's first fine-tuning job")
+    sh("docker", "kill", supernodes["lumify"])
+    sh("docker", "start", supernodes["lumify"])
+    n = jobs("lumify", "finetune")
+    recovery["SuperNode killed (finetune)"] = wait_until(
+        lambda: jobs("lumify", "finetune") > n, 400, "lumify's fine-tuning job sent again"
+    )
+    sh("docker", "restart", "-t", "5", demo.container("superlink"))
+    recovery["SuperLink restarted (finetune)"] = wait_until(
+        lambda: jobs("telemed", "evaluate") + jobs("lumify", "evaluate") >= 1, 400, "evaluation"
+    )
+    return recovery
 
 
 # ------------------------------------------------------------------ separate hospitals
 HOSPITALS = {"lumify": "source", "telemed": "target", "telemed2": "target"}  # tiny-3sites
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _owned(path: Path) -> Path:
-    """A host folder the containers' user (UID 49999) may write."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, 49999, 49999)
-    return path
 
 
 @pytest.fixture
@@ -204,15 +243,15 @@ def test_separate_hospitals_join_only_through_the_superlinks_published_port(
     config = "configs/tiny-3sites.yaml"
     certs = tmp_path / "certs"  # the coordinator's name in the server certificate's SAN
     make_certs(certs, list(HOSPITALS), hosts=["coordinator"])
-    _sh("chown", "-R", "49999:49999", str(certs))  # as `crossprobe certs --owner 49999` does
-    data = {p.parent.name: p for p in demo_data(APP_DIR / config, _owned(tmp_path / "data"))}
-    _sh("chown", "-R", "49999:49999", str(tmp_path / "data"))
-    port = _free_port()
+    sh("chown", "-R", f"{UID}:{UID}", str(certs))  # as `crossprobe certs --owner` does
+    data = {p.parent.name: p for p in demo_data(APP_DIR / config, owned(tmp_path / "data"))}
+    sh("chown", "-R", f"{UID}:{UID}", str(tmp_path / "data"))
+    port = free_port()
     base = {**demo.env, "CROSSPROBE_EXPERIMENT": config, "CROSSPROBE_RUN_NAME": "ci"}
     coordinator = Project(
         f"{demo.name}-coordinator",
         {**base, "SUPERLINK_CERTS": str(certs / "superlink"), "SUPERLINK_PORT": str(port),
-         "RESULTS_DIR": str(_owned(tmp_path / "results"))},
+         "RESULTS_DIR": str(owned(tmp_path / "results"))},
         ("deploy/coordinator.compose.yml",),
     )  # fmt: skip
     hospitals.append(coordinator)
@@ -228,13 +267,13 @@ def test_separate_hospitals_join_only_through_the_superlinks_published_port(
             "SUPERLINK_ADDRESS": f"coordinator:{port}",
             "SITE_CERTS": str(certs / "sites" / site),
             "SITE_DATA": str(data[site]),
-            "SITE_OUTPUTS": str(_owned(tmp_path / "out" / site)),
+            "SITE_OUTPUTS": str(owned(tmp_path / "out" / site)),
         }
         hospital = Project(f"{demo.name}-{site}", env, ("deploy/site.compose.yml", str(joins)))
         hospitals.append(hospital)
         hospital("up", "-d", timeout=300)
     networks = {
-        _sh("docker", "inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}"
+        sh("docker", "inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}"
             "{{end}}", p.container("superlink" if p is coordinator else "supernode")).stdout
         for p in hospitals
     }  # fmt: skip

@@ -226,6 +226,13 @@ def _foreign_ca(tmp: Path, data: Path) -> tuple[list[str], str]:
     return ["--certs", str(tmp / "certs/sites/lumify")], "runtime.crt: not signed by the CA"
 
 
+def _expired_ca(tmp: Path, data: Path) -> tuple[list[str], str]:
+    from tests.compose import expired_ca
+
+    (tmp / "certs/sites/lumify/ca.crt").write_bytes(expired_ca(tmp / "certs/ca"))
+    return ["--certs", str(tmp / "certs/sites/lumify")], "ca.crt: not valid now"
+
+
 def _closed_port(tmp: Path, data: Path) -> tuple[list[str], str]:
     port = _free_port()
     return [
@@ -292,10 +299,11 @@ def _home_is_a_file(tmp: Path, data: Path) -> tuple[list[str], str]:
 @pytest.mark.parametrize(
     ("breaker", "code"),
     [(_break_data, 10), (_empty_manifest, 10), (_bomb_frame, 10), (_missing_key, 11),
-     (_wrong_pub, 12), (_foreign_ca, 12), (_passphrase_key, 12), (_garbage_pem, 12),
+     (_wrong_pub, 12), (_foreign_ca, 12), (_expired_ca, 12), (_passphrase_key, 12),
+     (_garbage_pem, 12),
      (_closed_port, 13), (_no_tls, 14), (_home_is_a_file, 15)],
     ids=["data", "empty-manifest", "bomb-frame", "missing-key", "key-mismatch", "foreign-ca",
-         "passphrase-key", "garbage-pem", "unreachable", "no-tls", "flwr-home"],
+         "expired-ca", "passphrase-key", "garbage-pem", "unreachable", "no-tls", "flwr-home"],
 )  # fmt: skip
 def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
     tmp_path, site_data, breaker, code
@@ -310,6 +318,36 @@ def test_preflight_failure_class_has_its_exit_code_and_names_the_culprit(
     assert culprit in res.output
     with contextlib.suppress(AttributeError):
         _no_tls.sock.close()
+
+
+def test_launch_keeps_waiting_through_a_superlink_restart_and_gives_up_on_one_that_stays_away(
+    monkeypatch,
+):
+    import deploy.launch as launch_mod
+
+    answers = iter(
+        [{"runs": [{"status": "running"}]}, "down", "down", {"runs": []},
+         {"runs": [{"status": "running"}]}, {"runs": [{"status": "finished:completed"}]}]
+    )  # fmt: skip
+
+    def flwr_json(args, env, **kw):
+        ans = next(answers)
+        if ans == "down":
+            raise launch_mod.LaunchError("flwr ls: no JSON (exit 1): connection refused")
+        return ans
+
+    monkeypatch.setattr(launch_mod, "flwr_json", flwr_json)
+    said: list[str] = []
+    entry = launch_mod._wait_for_end(7, {}, timeout=0, poll=0, say=said.append)
+    assert entry["status"] == "finished:completed"
+    assert said == ["[launch] run 7: running (0 s)", "[launch] run 7: finished:completed (0 s)"]
+    # a SuperLink that never comes back ends the wait with a clear error, not a hang
+    monkeypatch.setattr(launch_mod, "SUPERLINK_AWAY", 0.05)
+    monkeypatch.setattr(
+        launch_mod, "flwr_json", lambda *a, **k: (_ for _ in ()).throw(launch_mod.LaunchError("x"))
+    )
+    with pytest.raises(launch_mod.LaunchError, match="run 7: no status for 0 s"):
+        launch_mod._wait_for_end(7, {}, timeout=0, poll=0.01, say=said.append)
 
 
 # ------------------------------------------------------------------ the topology as processes

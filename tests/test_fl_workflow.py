@@ -200,7 +200,7 @@ def test_failing_site_ends_the_run_naming_site_and_phase(
 
 def test_silent_site_times_out_with_its_name(tmp_path, sites_root, flower_identity):
     exp, _ = _experiment(tmp_path, "silent")
-    grid = _grid(exp, tmp_path / "run", sites_root, 2)
+    grid = _grid(exp, tmp_path / "run", sites_root, 2, **{"timeout-train": 2})
     # discover first, then let node 101 (partition 1 = telemed) go quiet
     original = grid.pull_messages
 
@@ -212,6 +212,17 @@ def test_silent_site_times_out_with_its_name(tmp_path, sites_root, flower_identi
     grid.pull_messages = pull
     with pytest.raises(WorkflowError, match=r"no reply within .* 'telemed'"):
         run_server(server_app, grid)
+
+
+def test_a_site_that_never_connects_is_named_by_the_name_its_key_was_registered_as(
+    tmp_path, sites_root, flower_identity
+):
+    exp, _ = _experiment(tmp_path, "absent")
+    grid = _grid(exp, tmp_path / "run", sites_root, 1, **{"node-wait": 0.2})
+    grid.names = {100: "lumify"}
+    with pytest.raises(WorkflowError, match=r"1 node\(s\) connected .* not connected: 'telemed'"):
+        run_server(server_app, grid)
+    assert "not connected: 'telemed'" in (tmp_path / "run" / "FAILED.json").read_text()
 
 
 def test_rerun_resumes_after_the_last_completed_phase(
@@ -382,3 +393,60 @@ def test_study_variants_and_pairs_run_as_extra_arms(tmp_path, sites_root, flower
     phase = tmp_path / "run" / "phases" / "pretrain"
     a, b = (load_file(phase / f"{k}.safetensors") for k in ("simmim", "simmim-b"))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _after_discovery(grid: InProcessGrid, message_type: str, **faults: dict[int, int]) -> None:
+    """Arm ``faults`` (InProcessGrid's outage / restarts) once the first ``message_type`` message
+    was sent, so discovery is not what they hit."""
+    original, armed = grid.pull_messages, []
+
+    def pull(ids):
+        if not armed and any(s.message_type == message_type for s in grid.log):
+            armed.append(True)
+            for name, nodes in faults.items():
+                setattr(grid, name, dict(nodes))
+        return original(ids)
+
+    grid.pull_messages = pull
+
+
+def _dice(run: Path) -> dict:
+    tables = json.loads((run / "results.json").read_text())["tables"]
+    return {site: {m: row["dice"] for m, row in table.items()} for site, table in tables.items()}
+
+
+def test_a_job_a_site_lost_is_sent_again_and_the_run_ends_as_if_nothing_happened(
+    tmp_path, sites_root, flower_identity
+):
+    from common.fl.audit import audit_run
+    from common.fl.ledger import read_ledger
+
+    exp, _ = _experiment(tmp_path, "faults")
+    run_server(server_app, _grid(exp, tmp_path / "calm", sites_root, 2))
+    grid = _grid(exp, tmp_path / "rough", sites_root, 2)
+    # telemed (node 101) drops off the network with its first pretraining job (the SuperLink
+    # reports it unavailable); lumify's SuperNode (node 100) restarts holding a fine-tuning job
+    _after_discovery(grid, contract.TRAIN_PRETRAIN, outage={101: 1})
+    original = grid.pull_messages
+
+    def pull(ids):
+        if not grid.restarts and sum(s.message_type == contract.TRAIN_FINETUNE for s in grid.log):
+            grid.restarts = {100: 1}
+        return original(ids)
+
+    grid.pull_messages = pull
+    run_server(server_app, grid)
+    sent = _types(grid)
+    assert sent.count(contract.TRAIN_PRETRAIN) == 3 and sent.count(contract.TRAIN_FINETUNE) == 5
+    assert _dice(tmp_path / "rough") == _dice(tmp_path / "calm")  # the same study, resent jobs
+    entries = [e for _, e in read_ledger(tmp_path / "rough" / "ledger.jsonl").entries]
+    abandoned = [e for e in entries if e.get("event") == "abandoned"]
+    assert [(e["site"], e["phase"]) for e in abandoned] == [
+        ("telemed", "pretrain"),
+        ("lumify", "finetune"),
+    ]
+    assert "unavailable" in abandoned[0]["reason"] and "activated" in abandoned[1]["reason"]
+    # the sites ran the lost jobs too: their replies, never received, are explained, not a mismatch
+    report = audit_run(tmp_path / "rough")
+    assert report.ok, report.render()
+    assert sum("stopped waiting" in line for line in report.notes) == 2, report.notes

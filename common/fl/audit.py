@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flwr.common.constant import SUPERLINK_NODE_ID
+
 from common.fl import signing
 from common.fl.contract import (
     ENCODER,
@@ -257,9 +259,26 @@ def _server_messages(server: LedgerFile):
         if e.get("event") == "message" and e["direction"] == "in" and e.get("site")
     }
     for no, e in server.entries:
-        if e.get("event") == "message":
+        if e.get("event") == "message" and not _from_superlink(e):
             node = e["dst_node"] if e["direction"] == "out" else e["src_node"]
             yield no, e, node, e.get("site") or names.get(node, "")
+
+
+def _from_superlink(e: dict) -> bool:
+    """An error reply the SuperLink wrote itself (e.g. the node missed its heartbeats): no site
+    sent it, so no site ledger shows it."""
+    by_superlink = e.get("src_node") == SUPERLINK_NODE_ID
+    return e["direction"] == "in" and by_superlink and bool(e.get("error"))
+
+
+def _abandoned(server: LedgerFile) -> dict[str, dict]:
+    """Message id -> the server's note that it stopped waiting for that message (its node lost
+    it) and sent the job again."""
+    return {
+        str(e.get("message_id")): e
+        for _, e in server.entries
+        if e.get("event") == "abandoned" and e.get("message_id")
+    }
 
 
 def _answered(server: LedgerFile, sent: dict, node: int) -> bool:
@@ -269,6 +288,10 @@ def _answered(server: LedgerFile, sent: dict, node: int) -> bool:
         (e.get("run_id"), e.get("src_node"), e.get("group_id"), e.get("message_type")) == key
         for _, e in server.entries
         if e.get("event") == "message" and e.get("direction") == "in"
+    ) or any(  # the server gave up on it (its node lost it) and sent it again
+        (e.get("run_id"), e.get("dst_node"), e.get("group_id"), e.get("message_type")) == key
+        for _, e in server.entries
+        if e.get("event") == "abandoned"
     )
 
 
@@ -288,6 +311,14 @@ def _match_one(
         for c in index.get(_message_key(e, node, _FLIP[e["direction"]]), [])
         if id(c[2]) not in used
     ]
+    # a job sent twice has two messages under one key: pair them by message id where both
+    # ledgers logged it
+    same = "reply_to" if e["direction"] == "in" else "message_id"
+    if e.get(same):
+        cands = [c for c in cands if c[2].get(same) in (None, "", e[same])]
+    if not cands and e["direction"] == "out" and e.get("message_id") in _abandoned(server):
+        rep.checked["messages lost and sent again"] += 1  # its node never got it
+        return
     if not cands and e["direction"] == "out" and not _answered(server, e, node):
         rep.incomplete.append(
             f"{server.path}:{no}: the server sent {e['message_type']} ({e.get('group_id')}) to "
@@ -355,7 +386,13 @@ def _unreceived_sends(
             if se["direction"] != "out" or not se.get("records"):
                 continue
             what = f"{path}:{sno}: the site sent {se['message_type']} ({se.get('group_id')})"
-            if _server_stopped_waiting(server, se):
+            gave_up = _abandoned(server).get(str(se.get("reply_to", "")))
+            if gave_up is not None:
+                rep.notes.append(
+                    f"{what} after the server had stopped waiting for it ({gave_up['reason']}) "
+                    "and sent the job again"
+                )
+            elif _server_stopped_waiting(server, se):
                 rep.incomplete.append(f"{what}; the server's run ended before it arrived")
             else:
                 rep.mismatch.append(f"{what} that the server's ledger does not show it received")
@@ -416,18 +453,21 @@ def _signature_problem(e: dict, request: dict | None, keys: Path | None) -> str:
 def _check_signatures(server: LedgerFile, keys: Path | None, rep: AuditReport) -> None:
     """Every reply the server took in must carry its site's valid signature of exactly that reply
     to exactly the request the server logged sending."""
-    sent: dict[tuple, dict] = {}
+    sent: dict[Any, dict] = {}  # (run, group, type, node) and message id -> request
     for no, e in server.entries:
         if e.get("event") != "message":
             continue
         key = (e.get("run_id"), e.get("group_id"), e.get("message_type"))
         if e["direction"] == "out":
             sent[(*key, e["dst_node"])] = e
+            if e.get("message_id"):
+                sent[e["message_id"]] = e
             continue
         if e.get("error") or not (e.get("records") or e.get("unverified")):
             continue  # an error reply carries nothing to sign
+        request = sent.get(e.get("reply_to")) or sent.get((*key, e["src_node"]))
         try:
-            problem = _signature_problem(e, sent.get((*key, e["src_node"])), keys)
+            problem = _signature_problem(e, request, keys)
         except (KeyError, TypeError, AttributeError) as err:  # a described record out of shape
             problem = f"malformed entry ({type(err).__name__}: {err})"
         if problem:

@@ -1,0 +1,182 @@
+"""Helpers for the tests that run the real containers (tests/test_compose_up.py): a Docker engine
+or a skip, the project's wheels served to the image build, one compose project that is always
+taken down, a site's ledger read inside its container, and an expired copy of a CA certificate.
+
+The image installs from a wheelhouse made from the wheels on this machine's disk and served over
+HTTP to the build (no registry, no index is reached): torch as pip resolves it here (2.14.1 with its
+CUDA libraries: a CPU build of torch cannot be paired with the CUDA build of torchvision that timm
+imports). Compose v1 (`docker-compose`) drives it, as on Debian.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.compose import APP_DIR
+
+WHEELHOUSE = Path(
+    os.environ.get("CROSSPROBE_WHEELHOUSE", "/var/cache/crossprobe-engine/wheelhouse")
+)
+IMAGE = "crossprobe:test"  # not a user's crossprobe:local
+UID = 49999  # the image's user
+
+
+def sh(*argv: str, timeout: float = 120, env=None, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        argv, cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {out.returncode}:\n{out.stdout[-3000:]}"
+                             f"\n{out.stderr[-3000:]}")  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    ok = (
+        shutil.which("docker-compose")
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    )
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Docker engine: .ci/run prepares one with deploy/docker-engine.sh")
+        pytest.skip("no Docker engine (sudo deploy/docker-engine.sh)")
+
+
+@pytest.fixture(scope="module")
+def wheels_url(engine):
+    """The project's dependencies as wheels, served to the image build on the docker bridge."""
+    if not any(WHEELHOUSE.glob("torch-*.whl")):
+        import tomllib
+
+        deps = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+        sh("pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:", *deps,
+           "setuptools", "wheel", timeout=900)  # fmt: skip
+    gateway = bridge_gateway()
+    handler = functools.partial(QuietHandler, directory=str(WHEELHOUSE))
+    server = http.server.ThreadingHTTPServer((gateway, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{gateway}:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def bridge_gateway() -> str:
+    """The host's address on the default bridge, where build containers reach it (docker0; the
+    daemon does not always fill IPAM's Gateway field)."""
+    out = sh("ip", "-4", "-o", "addr", "show", "docker0").stdout
+    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    assert match, f"no IPv4 address on docker0: {out}"
+    return match.group(1)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # pip fetches hundreds of files
+        pass
+
+
+class Project:
+    """One compose project (its own name, network, volumes), always taken down."""
+
+    def __init__(self, name: str, env: dict[str, str], files: tuple[str, ...] = ()):
+        self.name, self.env = name, env
+        self.args = ["docker-compose", "-p", name, *(a for f in files for a in ("-f", f))]
+
+    def __call__(self, *argv: str, timeout: float = 120, check=True):
+        return sh(*self.args, *argv, timeout=timeout, env=self.env, check=check)
+
+    def container(self, service: str) -> str:
+        return self("ps", "-q", service).stdout.strip()
+
+    def copy_out(self, service: str, path: str, dest: Path) -> Path:
+        sh("docker", "cp", f"{self.container(service)}:{path}", str(dest))
+        return dest
+
+    def down(self) -> None:
+        self("down", "-v", "--remove-orphans", "-t", "5", timeout=300, check=False)
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.compose.project={self.name}"
+        return sh("docker", "ps", "-aq", "--filter", label).stdout.split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def owned(path: Path) -> Path:
+    """A host folder the containers' user may write."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, UID, UID)
+    return path
+
+
+_READ_LEDGER = """
+import glob, json, os, sys
+runs = sorted(glob.glob("/outputs/run-*/ledger.jsonl"), key=os.path.getmtime)
+for line in open(runs[-1]) if runs else ():
+    e = json.loads(line)
+    print(json.dumps({k: e.get(k) for k in ("event", "direction", "phase", "group_id", "run_id")}))
+"""
+
+
+def site_messages(container: str, direction: str, phase: str, run_id: int | None = None) -> int:
+    """How many messages of ``phase`` the site in ``container`` logged going ``direction`` (its
+    newest run's ledger, or run ``run_id``'s)."""
+    out = sh("docker", "exec", container, "python", "-c", _READ_LEDGER, check=False).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return sum(
+        e["event"] == "message" and e["direction"] == direction and e["phase"] == phase
+        and (run_id is None or e["run_id"] == run_id)
+        for e in entries
+    )  # fmt: skip
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 1.0) -> float:
+    """Poll ``pred`` until it is true; the seconds it took."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
+def expired_ca(ca_dir: Path) -> bytes:
+    """The federation's CA certificate re-issued with its own key and subject but valid only until
+    yesterday: what a site holds when its copy of the CA has expired (PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(ca.subject)
+        .public_key(ca.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=400))
+        .not_valid_after(now - dt.timedelta(days=1))
+    )
+    for ext in ca.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM)
