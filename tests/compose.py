@@ -129,24 +129,40 @@ def owned(path: Path) -> Path:
 
 
 _READ_LEDGER = """
-import glob, json, os, sys
-runs = sorted(glob.glob("/outputs/run-*/ledger.jsonl"), key=os.path.getmtime)
-for line in open(runs[-1]) if runs else ():
+import json, sys
+try:
+    lines = open(sys.argv[1]).read().splitlines()
+except FileNotFoundError:
+    lines = []
+for line in lines:
     e = json.loads(line)
-    print(json.dumps({k: e.get(k) for k in ("event", "direction", "phase", "group_id", "run_id")}))
+    print(json.dumps({k: e.get(k) for k in ("event", "direction", "phase")}))
 """
 
 
-def site_messages(container: str, direction: str, phase: str, run_id: int | None = None) -> int:
-    """How many messages of ``phase`` the site in ``container`` logged going ``direction`` (its
-    newest run's ledger, or run ``run_id``'s)."""
-    out = sh("docker", "exec", container, "python", "-c", _READ_LEDGER, check=False).stdout
+def site_messages(container: str, run_id: int, direction: str, phase: str) -> int:
+    """How many messages of ``phase`` the site in ``container`` logged going ``direction`` in run
+    ``run_id`` (its ledger ``/outputs/run-<id>/ledger.jsonl``; 0 before it exists)."""
+    ledger = f"/outputs/run-{run_id}/ledger.jsonl"
+    out = sh("docker", "exec", container, "python", "-c", _READ_LEDGER, ledger, check=False).stdout
     entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return sum(
         e["event"] == "message" and e["direction"] == direction and e["phase"] == phase
-        and (run_id is None or e["run_id"] == run_id)
         for e in entries
-    )  # fmt: skip
+    )
+
+
+def launched_run(log: Path, timeout: float = 180) -> int:
+    """The run id ``crossprobe launch`` printed into ``log`` once it started the run."""
+    found: list[int] = []
+
+    def started() -> bool:
+        match = re.search(r"\[launch\] run (\d+) started", log.read_text(errors="replace"))
+        found.extend([int(match.group(1))] if match else [])
+        return bool(found)
+
+    wait_until(started, timeout, f"a run started by launch ({log})")
+    return found[0]
 
 
 def wait_until(pred, timeout: float, what: str, every: float = 1.0) -> float:

@@ -28,6 +28,7 @@ from tests.compose import (
     Project,
     expired_ca,
     free_port,
+    launched_run,
     owned,
     sh,
     site_messages,
@@ -148,11 +149,12 @@ def test_a_hospital_network_cut_a_killed_supernode_and_a_superlink_restart_leave
         first = subprocess.Popen([*runs.args, "run", "--rm", "--no-deps", "launch"], cwd=APP_DIR,
                                  env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        recovery = _inject_faults(demo, net)
+        run_id = launched_run(launch_log)
+        recovery = _inject_faults(demo, net, run_id)
         # lumify's SuperNode stopped mid-evaluation and not back within timeout-evaluate: the run
         # ends, and FAILED.json names the site and the phase
         lumify = demo.container("clientapp-lumify")
-        wait_until(lambda: site_messages(lumify, "in", "evaluate") >= 1, 300, "evaluation")
+        wait_until(lambda: site_messages(lumify, run_id, "in", "evaluate") >= 1, 300, "evaluation")
         stopped = time.monotonic()
         sh("docker", "stop", "-t", "5", demo.container("supernode-lumify"))
         assert first.wait(timeout=600) != 0, launch_log.read_text()[-3000:]
@@ -186,7 +188,7 @@ def test_a_hospital_network_cut_a_killed_supernode_and_a_superlink_restart_leave
     assert demo.leftovers() == []  # nothing left running, the rogue sites' containers included
 
 
-def _inject_faults(demo: Project, net: str) -> dict[str, float]:
+def _inject_faults(demo: Project, net: str, run_id: int) -> dict[str, float]:
     """During the run `launch` started: cut telemed's network mid-pretraining for longer than
     its heartbeat, kill lumify's SuperNode mid-fine-tuning and start it again, restart the
     SuperLink (its state volume kept). Returns the seconds from each fault's end until the run
@@ -195,7 +197,7 @@ def _inject_faults(demo: Project, net: str) -> dict[str, float]:
     supernodes = {s: demo.container(f"supernode-{s}") for s in SITES}
 
     def jobs(site: str, phase: str) -> int:
-        return site_messages(sites[site], "in", phase)
+        return site_messages(sites[site], run_id, "in", phase)
 
     recovery = {}
     wait_until(lambda: jobs("telemed", "pretrain") >= 1, 300, "telemed's first pretraining job")
