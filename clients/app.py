@@ -51,7 +51,7 @@ def train_finetune(msg: Message, context: Context) -> Message:
 
 @app.evaluate(action(EVALUATE_SEGMENT))
 def evaluate_segment(msg: Message, context: Context) -> Message:
-    res = jobs.evaluate(messages.unpack_request(msg.content), resolve_site(context))
+    res = jobs.evaluate(messages.unpack_request(msg.content), resolve_site(context), context.run_id)
     reply = messages.pack_eval_reply(
         res.metrics, res.per_image, res.per_video, res.num_examples, res.per_patient
     )

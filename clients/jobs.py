@@ -6,6 +6,7 @@ at a labeled target) and every site with labeled frames evaluates."""
 from __future__ import annotations
 
 from clients.site import LocalSite, load_data
+from common import arms
 from common.fl.messages import StageRequest
 
 
@@ -53,10 +54,11 @@ def finetune(req: StageRequest, site: LocalSite):
     )
 
 
-def evaluate(req: StageRequest, site: LocalSite):
+def evaluate(req: StageRequest, site: LocalSite, run_id: int | None = None):
     """Score each model in ``req.models`` and each fusion pair on the site's labeled ``req.split``.
 
-    Returns ``common.stages.EvalResult``; fusion-weight maps and overlays stay in the site folder.
+    Returns ``common.stages.EvalResult``; fusion-weight maps and overlays stay in the site folder,
+    and so does, after the test split, the main fused pair as a bundle `crossprobe segment` uses.
     """
     from common import stages
 
@@ -68,4 +70,19 @@ def evaluate(req: StageRequest, site: LocalSite):
             f"score at most {req.max_frames} (its run config max-eval-frames)"
         )
     out_dir = site.out_dir / f"evaluate-{req.split}"  # one folder per split: the last run's figures
-    return stages.evaluate(req.cfg, data, out_dir, req.models, req.fusions, split=req.split)
+    res = stages.evaluate(req.cfg, data, out_dir, req.models, req.fusions, split=req.split)
+    if req.split == "test" and all(b in req.models for b in arms.MAIN_PAIR):
+        _keep_bundle(req, site, res, run_id)
+    return res
+
+
+def _keep_bundle(req: StageRequest, site: LocalSite, res, run_id: int | None) -> None:
+    """The main fused pair, its fusion and preprocessing, and this site's own scores of it."""
+    from common.bundle import save_bundle
+
+    names = {*arms.MAIN_PAIR, arms.fusion_name(req.cfg.fusion.default_mode, arms.MAIN_PAIR)}
+    names |= {arms.fusion_name(m, arms.MAIN_PAIR) for m in req.cfg.fusion.modes}
+    metrics = {k: v for k, v in res.metrics.items() if k.split("/")[0] in names}
+    metrics["n_images"] = res.metrics.get("n_images", 0.0)
+    folder = save_bundle(site.out_dir / "bundle", req.cfg, req.models, metrics, run_id)
+    print(f"[evaluate:{site.name}] the fused model kept at the site: {folder}", flush=True)

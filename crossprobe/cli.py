@@ -56,6 +56,11 @@ COMMANDS: dict[str, Command] = {
     "compose": Command(
         "deploy.compose", "compose_command", "Print or --write the generated compose files."
     ),
+    "segment": Command(
+        "crossprobe.segment",
+        "segment_command",
+        "Segment new sweeps with the fused model a site kept after evaluation.",
+    ),
     "demo-data": Command(
         "simulations.demo_data",
         "demo_data_command",

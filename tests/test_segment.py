@@ -1,0 +1,111 @@
+"""The target hospital uses what it learned: a tiny federated study (in process, the real ServerApp
+and ClientApp), the fused model the target keeps as a bundle, and `crossprobe segment` on a DICOM
+cine and an MP4 the test makes: masks at each frame's own size, the CSV, the overlay video."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clients.app import app as client_app
+from common.config import dump_experiment, load_experiment
+from common.segment import CSV_COLUMNS
+from crossprobe.cli import app as crossprobe_cli
+from server.app import app as server_app
+from tests.fl_harness import run_server, site_grid
+from tests.test_data_ingest import _dicom_fixture, _write_video
+
+STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A tiny study run to its report; the run folder (sites under ``sites/<name>``)."""
+    from simulations.sites import ensure_site
+    from tests.fl_harness import task_identity
+
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = load_experiment("configs/tiny.yaml", overrides=STEPS)
+    exp = tmp / "tiny.yaml"
+    exp.write_text(dump_experiment(cfg.model_copy(update={"name": "segment"})))
+    root = tmp / "data"
+    for site in cfg.sites:
+        ensure_site(site, cfg.model.img_size, root, progress=False)
+    with task_identity():
+        run_server(server_app, site_grid(client_app, exp, tmp / "run", root, 2))
+    return tmp / "run"
+
+
+def test_the_target_keeps_the_fused_model_it_evaluated(study):
+    from common import stages
+    from common.bundle import load_bundle
+    from common.data.manifest import load_site
+
+    bundle = load_bundle(study / "sites" / "telemed" / "bundle")
+    card = bundle.card
+    assert bundle.pair == ("simmim", "mtnxent") and bundle.mode == "entropy"
+    assert card["img_size"] == bundle.cfg.model.img_size and card["config_hash"]
+    # the card's scores are the ones the site reported, and the weights reproduce them
+    results = json.loads((study / "results.json").read_text())
+    reported = results["evaluation"]["telemed"]["metrics"]["fusion-entropy/dice"]
+    assert card["metrics"]["fusion-entropy/dice"] == pytest.approx(reported, abs=1e-12)
+    site = load_site(study.parent / "data" / "telemed")
+    again = stages.evaluate(bundle.cfg, site, study / "re-eval", bundle.states, [bundle.pair],
+                            progress=False)  # fmt: skip
+    assert again.metrics["fusion-entropy/dice"] == pytest.approx(reported, abs=1e-9)
+
+
+def _sweep_mp4(path: Path, site_dir: Path, h: int = 40, w: int = 56) -> np.ndarray:
+    """An MP4 of the target's own frames, cut to a non-square (h, w) (padding to undo)."""
+    frames = sorted((site_dir / "frames").rglob("*.png"))[:7]
+    arr = np.stack([np.asarray(Image.open(f).convert("L"))[:h, :w] for f in frames])
+    _write_video(path, arr)
+    return arr
+
+
+def test_segment_a_dicom_cine_and_an_mp4_with_the_kept_bundle(study, tmp_path):
+    import av
+
+    dcm = _dicom_fixture()
+    mp4 = tmp_path / "sweep.mp4"
+    frames = _sweep_mp4(mp4, study.parent / "data" / "telemed")
+    out = tmp_path / "seg"
+    res = CliRunner().invoke(crossprobe_cli, [
+        "segment", str(study / "sites" / "telemed" / "bundle"), str(dcm), str(mp4),
+        "--out", str(out), "--batch-size", "4",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "frames/s" in res.output and "flagged" in res.output
+    for name, shape, n in [(dcm.stem, (209, 236), 30), ("sweep", frames.shape[1:], len(frames))]:
+        folder = out / name
+        masks = sorted((folder / "masks").glob("*.png"))
+        assert len(masks) == n
+        assert all(np.asarray(Image.open(m)).shape == shape for m in masks)
+        with (folder / "frames.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == n
+        assert all(0 <= float(r["branch_agreement"]) <= 1 and r["flag"] in "01" for r in rows)
+        with av.open(str(folder / "overlay.mp4")) as video:
+            decoded = [f.to_ndarray(format="gray") for f in video.decode(video=0)]
+        assert len(decoded) == n and decoded[0].shape[0] >= shape[0]
+    nib = pytest.importorskip("nibabel")
+    vol = np.asarray(nib.load(str(out / dcm.stem / "mask.nii.gz")).dataobj)
+    assert vol.shape == (236, 209, 30)  # (W, H, T): how ITK-SNAP and the ingest reader read it
+    assert not (out / "sweep" / "mask.nii.gz").exists()  # an MP4 gets no NIfTI
+
+
+def test_segment_names_what_it_cannot_read(study, tmp_path):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"not a dicom")
+    runner = CliRunner()
+    res = runner.invoke(crossprobe_cli, ["segment", str(study / "sites" / "telemed" / "bundle"),
+                                         str(bad), "--out", str(tmp_path / "o")])  # fmt: skip
+    assert res.exit_code != 0 and "broken.dcm" in str(res.exception or res.output)
+    res = runner.invoke(crossprobe_cli, ["segment", str(tmp_path), str(bad), "--out", "o"])
+    assert res.exit_code != 0 and "not a crossprobe bundle" in str(res.exception or res.output)
