@@ -61,6 +61,9 @@ COMMANDS: dict[str, Command] = {
         "segment_command",
         "Segment new sweeps with the fused model a site kept after evaluation.",
     ),
+    "export": Command(
+        "crossprobe.export", "export_app", "Export a site's fused model (ONNX), checked."
+    ),
     "demo-data": Command(
         "simulations.demo_data",
         "demo_data_command",

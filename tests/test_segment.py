@@ -109,3 +109,45 @@ def test_segment_names_what_it_cannot_read(study, tmp_path):
     assert res.exit_code != 0 and "broken.dcm" in str(res.exception or res.output)
     res = runner.invoke(crossprobe_cli, ["segment", str(tmp_path), str(bad), "--out", "o"])
     assert res.exit_code != 0 and "not a crossprobe bundle" in str(res.exception or res.output)
+
+
+def test_export_onnx_holds_both_branches_and_the_fusion_and_reproduces_torch(study, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import hashlib
+
+    import onnxruntime as ort
+    import torch
+
+    from common.bundle import load_bundle
+    from common.onnx_export import fused_pair
+
+    bundle_dir = study / "sites" / "telemed" / "bundle"
+    out = tmp_path / "fused.onnx"
+    res = CliRunner().invoke(
+        crossprobe_cli,
+        [
+            "export",
+            "onnx",
+            str(bundle_dir),
+            "--out",
+            str(out),
+            "--site",
+            str(study.parent / "data" / "telemed"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "test frames of telemed" in res.output and "masks 100" in res.output
+    record = json.loads((tmp_path / "fused.onnx.json").read_text())
+    assert set(record["files"]) == {"fused.onnx", "fused.onnx.data"}  # ship and hash both
+    for name, digest in record["files"].items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
+    # a dynamic batch: 3 frames through a graph exported with 2, the same as torch
+    bundle = load_bundle(bundle_dir)
+    s = bundle.cfg.model.img_size
+    x = torch.rand(3, 3, s, s, generator=torch.Generator().manual_seed(1))
+    got = ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})
+    with torch.inference_mode():
+        want = fused_pair(bundle)(x)
+    assert [g.shape for g in got] == [(3, 1, s, s)] * 3
+    assert np.abs(got[1] - want[1].numpy()).max() < 1e-4  # a branch, everywhere
+    assert ((got[0] >= 0.5) == (want[0].numpy() >= 0.5)).mean() >= 0.999
