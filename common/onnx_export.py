@@ -65,20 +65,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(bundle: Bundle, out: Path, mode: str | None = None) -> dict:
-    """Export the bundle's pair to ``out`` (+ ``out``.data); returns what ``out``.json records:
-    the files and their SHA-256, the opset, the input size, the bundle's card essentials."""
+def export_onnx_module(model: FusedPair, size: int, out: Path) -> Path:
+    """``model`` as an ONNX graph at ``out`` (weights in ``out``.data), a dynamic batch."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = fused_pair(bundle, mode)
-    s = bundle.cfg.model.img_size
     # batch 2: a batch-1 sample would specialise the batch dimension
-    sample = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    sample = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     torch.onnx.export(
         model, (sample,), str(out), dynamo=True, opset_version=OPSET, verbose=False,
         input_names=["images"], output_names=["fused", "p_a", "p_b"],
         dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
     )  # fmt: skip
+    return out
+
+
+def export_onnx(bundle: Bundle, out: Path, mode: str | None = None) -> dict:
+    """Export the bundle's pair to ``out`` (+ ``out``.data); returns what ``out``.json records:
+    the files and their SHA-256, the opset, the input size, the bundle's card essentials."""
+    out = Path(out)
+    model = fused_pair(bundle, mode)
+    s = bundle.cfg.model.img_size
+    export_onnx_module(model, s, out)
     files = [p for p in (out, out.with_name(out.name + ".data")) if p.is_file()]
     record = {
         "files": {p.name: _sha256(p) for p in files},

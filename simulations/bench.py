@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-STAGES = ("simmim", "contrastive", "finetune", "inference")
+STAGES = ("simmim", "contrastive", "finetune", "inference", "fused")
 
 
 def _time(fn, warmup: int, iters: int, device) -> float:
@@ -56,6 +56,12 @@ class _Bench:
 
         m.to(self.device)
         return m.to(memory_format=torch.channels_last) if self.channels_last else m
+
+    def prep_input(self, x):
+        import torch
+
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_rate(self, model, step, batch: dict, images: int) -> float:
         """Images per second of forward + backward + optimiser step."""
@@ -145,11 +151,88 @@ def _inference_rates(b: _Bench) -> dict[str, float]:
     }
 
 
+FUSED_BATCHES = (1, 32)
+
+
+def _fused_rates(b: _Bench) -> dict[str, float]:
+    """Frames/s at batch 1 and 32 of one model and of the fused pair four ways: sequential torch,
+    the branches in two threads, ONNX Runtime (the exported graph), ONNX Runtime running the
+    graph's two branches in parallel; and each one's time over one model's."""
+    import tempfile
+
+    import torch
+
+    from common.engine import autocast
+    from common.fusion import fuse
+    from common.models import build_transunet
+    from common.onnx_export import FusedPair, export_onnx_module
+    from common.pair import forward_all
+
+    nets = {n: b.prep(build_transunet(b.cfg.model)).eval() for n in ("a", "b")}
+    s = b.cfg.model.img_size
+
+    @torch.inference_mode()
+    def single(x):
+        with autocast(b.device, b.bf16):
+            return torch.sigmoid(nets["a"](x).float()) >= 0.5
+
+    @torch.inference_mode()
+    def fused(x, parallel: bool):
+        with autocast(b.device, b.bf16):
+            logits = forward_all(nets, x, parallel)
+        p = {k: torch.sigmoid(v.float()) for k, v in logits.items()}
+        return fuse(p["a"], p["b"], "entropy")[0] >= 0.5
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        if b.device.type == "cpu":  # the graph runs on onnxruntime's CPU provider
+            pair = FusedPair(nets["a"], nets["b"], "entropy", "image", 1e-6).eval()
+            sessions = _onnx_sessions(lambda path: export_onnx_module(pair, s, path), Path(tmp))
+        for n in FUSED_BATCHES:
+            x = torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(n))
+            feed = {"images": x.numpy()}  # onnxruntime: contiguous float32 on the host
+            x = b.prep_input(x)
+            timed = {
+                "single": lambda x=x: single(x),
+                "fused_sequential": lambda x=x: fused(x, False),
+                "fused_threads": lambda x=x: fused(x, True),
+                **{f"fused_{k}": (lambda sess=sess, feed=feed: sess.run(None, feed))
+                   for k, sess in sessions.items()},
+            }  # fmt: skip
+            seconds = {k: _time(fn, b.warmup, b.iters, b.device) for k, fn in timed.items()}
+            for k, t in seconds.items():
+                out[f"b{n}_{k}_frames_per_s"] = n / t
+                if k != "single":
+                    out[f"b{n}_{k}_over_single_time"] = t / seconds["single"]
+    return out
+
+
+def _onnx_sessions(export, folder: Path) -> dict:
+    """onnxruntime sessions of the graph ``export(path)`` writes: operators one at a time
+    (``onnxruntime``) and independent branches at once (``onnxruntime_parallel``); none without
+    the onnx extra."""
+    try:
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        return {}
+    path = export(folder / "pair.onnx")
+    out = {}
+    for name, mode in (("onnxruntime", ort.ExecutionMode.ORT_SEQUENTIAL),
+                       ("onnxruntime_parallel", ort.ExecutionMode.ORT_PARALLEL)):  # fmt: skip
+        opts = ort.SessionOptions()
+        opts.execution_mode = mode
+        out[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return out
+
+
 _MEASURE = {
     "simmim": _simmim_rate,
     "contrastive": _contrastive_rate,
     "finetune": _finetune_rate,
     "inference": _inference_rates,
+    "fused": _fused_rates,
 }
 
 
@@ -225,6 +308,6 @@ def bench_command(
         str(config), device, batch, iters, warmup, bf16, channels_last, tuple(stages.split(","))
     )
     for k, v in res.items():
-        typer.echo(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+        typer.echo(f"{k:48s} {v:.3f}" if isinstance(v, float) else f"{k:48s} {v}")
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
