@@ -27,16 +27,20 @@ def segment_command(
         str | None,
         typer.Option(help="Fusion mode (entropy | margin | mean); default: the bundle's."),
     ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="Run the pair's graph from `crossprobe export onnx` on onnxruntime."),
+    ] = None,
 ) -> None:
     """Segment ultrasound sweeps with the fused model a site kept; masks at each frame's size."""
     from common.bundle import load_bundle
     from common.segment import FusedSegmenter, read_sweeps, segment_sweep
 
     b = load_bundle(bundle)
-    seg = FusedSegmenter(b, device=device, mode=mode)
+    seg = FusedSegmenter(b, device=device, mode=mode, onnx=onnx)
     typer.echo(
-        f"[segment] bundle {bundle}: {seg.name} ({'+'.join(seg.pair)}), threshold "
-        f"{seg.threshold}, run {b.card.get('run_id')}, config {b.card.get('config_hash')}"
+        f"[segment] bundle {bundle}: {seg.name} ({'+'.join(seg.pair)}) on {seg.backend}, "
+        f"threshold {seg.threshold}, run {b.card.get('run_id')}, config {b.card.get('config_hash')}"
     )
     for path in inputs:
         for sweep in read_sweeps(path):

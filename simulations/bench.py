@@ -50,6 +50,7 @@ class _Bench:
     channels_last: bool
     warmup: int
     iters: int
+    fused_batches: tuple[int, ...] = (1, 32)
 
     def prep(self, m):
         import torch
@@ -151,7 +152,7 @@ def _inference_rates(b: _Bench) -> dict[str, float]:
     }
 
 
-FUSED_BATCHES = (1, 32)
+FUSED_BATCHES = (1, 32)  # where overhead dominates, and where arithmetic does
 
 
 def _fused_rates(b: _Bench) -> dict[str, float]:
@@ -189,7 +190,7 @@ def _fused_rates(b: _Bench) -> dict[str, float]:
         if b.device.type == "cpu":  # the graph runs on onnxruntime's CPU provider
             pair = FusedPair(nets["a"], nets["b"], "entropy", "image", 1e-6).eval()
             sessions = _onnx_sessions(lambda path: export_onnx_module(pair, s, path), Path(tmp))
-        for n in FUSED_BATCHES:
+        for n in b.fused_batches:
             x = torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(n))
             feed = {"images": x.numpy()}  # onnxruntime: contiguous float32 on the host
             x = b.prep_input(x)
@@ -245,6 +246,7 @@ def run_bench(
     bf16: bool = False,
     channels_last: bool = False,
     stages: tuple[str, ...] = STAGES,
+    fused_batches: tuple[int, ...] = FUSED_BATCHES,
 ) -> dict:
     """Measure each stage; returns a dict of figures (also what the CLI prints).
 
@@ -279,7 +281,7 @@ def run_bench(
         "bf16_requested": bf16,
         "channels_last": channels_last,
     }
-    bench = _Bench(cfg, dev, x, gen, bf16, channels_last, warmup, iters)
+    bench = _Bench(cfg, dev, x, gen, bf16, channels_last, warmup, iters, fused_batches)
     for stage in stages:
         out.update(_MEASURE[stage](bench))
     return out
@@ -295,6 +297,9 @@ def bench_command(
     channels_last: bool = typer.Option(False, help="channels-last memory format."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
     stages: str = typer.Option(",".join(STAGES), help="Comma-separated stages."),
+    fused_batches: str = typer.Option(
+        ",".join(map(str, FUSED_BATCHES)), help="Batch sizes of the fused stage (comma-separated)."
+    ),
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the figures as JSON here."
     ),
@@ -305,8 +310,9 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     res = run_bench(
-        str(config), device, batch, iters, warmup, bf16, channels_last, tuple(stages.split(","))
-    )
+        str(config), device, batch, iters, warmup, bf16, channels_last, tuple(stages.split(",")),
+        tuple(int(n) for n in fused_batches.split(",")),
+    )  # fmt: skip
     for k, v in res.items():
         typer.echo(f"{k:48s} {v:.3f}" if isinstance(v, float) else f"{k:48s} {v}")
     if json_out:

@@ -151,3 +151,36 @@ def test_export_onnx_holds_both_branches_and_the_fusion_and_reproduces_torch(stu
     assert [g.shape for g in got] == [(3, 1, s, s)] * 3
     assert np.abs(got[1] - want[1].numpy()).max() < 1e-4  # a branch, everywhere
     assert ((got[0] >= 0.5) == (want[0].numpy() >= 0.5)).mean() >= 0.999
+
+
+def test_segment_on_onnxruntime_gives_the_masks_torch_gives(study, tmp_path):
+    pytest.importorskip("onnxruntime")
+    bundle = str(study / "sites" / "telemed" / "bundle")
+    mp4 = tmp_path / "sweep.mp4"
+    _sweep_mp4(mp4, study.parent / "data" / "telemed")
+    runner = CliRunner()
+    graph = tmp_path / "fused.onnx"
+    assert (
+        runner.invoke(crossprobe_cli, ["export", "onnx", bundle, "--out", str(graph)]).exit_code
+        == 0
+    )
+    for backend, extra in (("torch", []), ("onnx", ["--onnx", str(graph)])):
+        res = runner.invoke(crossprobe_cli, ["segment", bundle, str(mp4), "--out",
+                                             str(tmp_path / backend), *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    assert "on onnxruntime" in res.output
+    masks = {
+        b: np.stack(
+            [
+                np.asarray(Image.open(m))
+                for m in sorted((tmp_path / b / "sweep" / "masks").glob("*.png"))
+            ]
+        )
+        for b in ("torch", "onnx")
+    }
+    assert masks["torch"].shape == masks["onnx"].shape
+    assert (masks["torch"] == masks["onnx"]).mean() >= 0.999
+    # a graph of another mode is refused, naming the file
+    res = runner.invoke(crossprobe_cli, ["segment", bundle, str(mp4), "--out", str(tmp_path / "x"),
+                                         "--onnx", str(graph), "--mode", "mean"])  # fmt: skip
+    assert res.exit_code != 0 and "fused.onnx" in str(res.exception)
