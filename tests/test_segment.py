@@ -184,3 +184,24 @@ def test_segment_on_onnxruntime_gives_the_masks_torch_gives(study, tmp_path):
     res = runner.invoke(crossprobe_cli, ["segment", bundle, str(mp4), "--out", str(tmp_path / "x"),
                                          "--onnx", str(graph), "--mode", "mean"])  # fmt: skip
     assert res.exit_code != 0 and "fused.onnx" in str(res.exception)
+
+
+def test_segment_a_png_folder_and_a_site_folder_one_output_per_video(study, tmp_path):
+    from common.data.manifest import load_site
+
+    site_dir = study.parent / "data" / "telemed"
+    site = load_site(site_dir)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    frames = _sweep_mp4(tmp_path / "unused.mp4", site_dir)  # the same non-square cut-outs
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(pngs / f"f{i}.png")
+    out = tmp_path / "seg"
+    bundle = str(study / "sites" / "telemed" / "bundle")
+    args = ["segment", bundle, str(pngs), str(site_dir), "--out", str(out)]
+    res = CliRunner().invoke(crossprobe_cli, args)
+    assert res.exit_code == 0, res.output
+    masks = sorted((out / "pngs" / "masks").glob("*.png"))
+    assert len(masks) == len(frames) and np.asarray(Image.open(masks[0])).shape == frames.shape[1:]
+    videos = {(r.patient_id, r.video_id) for r in site.rows}
+    assert {p.name for p in out.iterdir()} == {"pngs"} | {f"{p}-{v}" for p, v in videos}
