@@ -80,8 +80,8 @@ def _keep_bundle(req: StageRequest, site: LocalSite, res, run_id: int | None) ->
     """The main fused pair, its fusion and preprocessing, and this site's own scores of it."""
     from common.bundle import save_bundle
 
-    names = {*arms.MAIN_PAIR, arms.fusion_name(req.cfg.fusion.default_mode, arms.MAIN_PAIR)}
-    names |= {arms.fusion_name(m, arms.MAIN_PAIR) for m in req.cfg.fusion.modes}
+    modes = {req.cfg.fusion.default_mode, *req.cfg.fusion.modes}
+    names = {*arms.MAIN_PAIR, *(arms.fusion_name(m, arms.MAIN_PAIR) for m in modes)}
     metrics = {k: v for k, v in res.metrics.items() if k.split("/")[0] in names}
     metrics["n_images"] = res.metrics.get("n_images", 0.0)
     folder = save_bundle(site.out_dir / "bundle", req.cfg, req.models, metrics, run_id)

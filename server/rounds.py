@@ -302,7 +302,7 @@ class Exchange:
             self.log_message(s.phase, "out", s.msg, s.job.site, s.records)
         return dict(zip(ids, sent, strict=True))
 
-    def _abandon(self, phase: str, sent: Sent, reason: str) -> Job:
+    def _abandon(self, sent: Sent, reason: str) -> Job:
         """Note in the ledger that the server stopped waiting for ``sent`` (its node lost it)."""
         site = sent.job.site
         md = sent.msg.metadata
@@ -314,7 +314,7 @@ class Exchange:
                 "run_id": self.run_id,
                 "party": SERVER,
                 "site": site.name if site else "",
-                "phase": phase,
+                "phase": sent.phase,
                 "message_type": md.message_type,
                 "group_id": md.group_id,
                 "message_id": md.message_id,
@@ -322,7 +322,7 @@ class Exchange:
                 "reason": reason,
             }
         )
-        self.log(f"{phase}: {name} lost {md.group_id} ({reason}); it is sent again when online")
+        self.log(f"{sent.phase}: {name} lost {md.group_id} ({reason}); sent again when online")
         return sent.job
 
     def round(
@@ -355,7 +355,7 @@ class Exchange:
                              "to no message of this round")  # fmt: skip
                 elif unavailable_notice(reply):
                     reason = "the SuperLink reports the node unavailable: no heartbeat"
-                    lost.append(self._abandon(phase, match, reason))
+                    lost.append(self._abandon(match, reason))
                 else:
                     site = self._accept(phase, rnd, match, reply)
                     plog.bytes_received += messages.record_bytes(reply.content)
@@ -364,11 +364,11 @@ class Exchange:
             for mid, s in list(pending.items()):
                 if s.lost_by(online):
                     del pending[mid]
-                    lost.append(self._abandon(phase, s, "the node was activated again"))
+                    lost.append(self._abandon(s, "the node was activated again"))
             back = [job for job in lost if job.node_id in online]
             left_s = deadline - time.monotonic()
             if back and left_s > 0:
-                lost = [job for job in lost if job not in back]
+                lost = [job for job in lost if job.node_id not in online]
                 again = [self._outgoing(phase, rnd, job, left_s) for job in back]
                 plog.bytes_sent += sum(messages.record_bytes(job.content) for job in back)
                 pending.update(self._push(again, online))

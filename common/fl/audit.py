@@ -288,10 +288,6 @@ def _answered(server: LedgerFile, sent: dict, node: int) -> bool:
         (e.get("run_id"), e.get("src_node"), e.get("group_id"), e.get("message_type")) == key
         for _, e in server.entries
         if e.get("event") == "message" and e.get("direction") == "in"
-    ) or any(  # the server gave up on it (its node lost it) and sent it again
-        (e.get("run_id"), e.get("dst_node"), e.get("group_id"), e.get("message_type")) == key
-        for _, e in server.entries
-        if e.get("event") == "abandoned"
     )
 
 
@@ -303,6 +299,7 @@ def _match_one(
     name: str,
     index: SiteIndex,
     used: set[int],
+    abandoned: dict[str, dict],
     rep: AuditReport,
 ) -> None:
     """Find the site's side of one server message and compare the two."""
@@ -316,7 +313,7 @@ def _match_one(
     same = "reply_to" if e["direction"] == "in" else "message_id"
     if e.get(same):
         cands = [c for c in cands if c[2].get(same) in (None, "", e[same])]
-    if not cands and e["direction"] == "out" and e.get("message_id") in _abandoned(server):
+    if not cands and e["direction"] == "out" and e.get("message_id") in abandoned:
         rep.checked["messages lost and sent again"] += 1  # its node never got it
         return
     if not cands and e["direction"] == "out" and not _answered(server, e, node):
@@ -375,7 +372,12 @@ def _server_stopped_waiting(server: LedgerFile, reply: dict) -> bool:
 
 
 def _unreceived_sends(
-    server: LedgerFile, index: SiteIndex, used: set[int], sites: set[str], rep: AuditReport
+    server: LedgerFile,
+    index: SiteIndex,
+    used: set[int],
+    sites: set[str],
+    abandoned: dict[str, dict],
+    rep: AuditReport,
 ) -> None:
     """Replies a site logged as sent, in a run the server logged, that the server never shows."""
     runs = {e.get("run_id") for _, e in server.entries}
@@ -386,7 +388,7 @@ def _unreceived_sends(
             if se["direction"] != "out" or not se.get("records"):
                 continue
             what = f"{path}:{sno}: the site sent {se['message_type']} ({se.get('group_id')})"
-            gave_up = _abandoned(server).get(str(se.get("reply_to", "")))
+            gave_up = abandoned.get(str(se.get("reply_to", "")))
             if gave_up is not None:
                 rep.notes.append(
                     f"{what} after the server had stopped waiting for it ({gave_up['reason']}) "
@@ -404,18 +406,19 @@ def _cross_check(
     """Every message the server logged must appear in that site's ledger with the same hashes,
     and every reply a site sent must appear in the server's."""
     index, given = _index_sites(sites)
+    abandoned = _abandoned(server)
     seen: set[str] = set()
     used: set[int] = set()
     for no, e, node, name in _server_messages(server):
         if name in given:
             seen.add(name)
-            _match_one(server, no, e, node, name, index, used, rep)
+            _match_one(server, no, e, node, name, index, used, abandoned, rep)
         elif name in expect:
             rep.mismatch.append(
                 f"{server.path}:{no}: no ledger for site {name!r} (expected under its folder)"
             )
             expect.discard(name)
-    _unreceived_sends(server, index, used, seen, rep)
+    _unreceived_sends(server, index, used, seen, abandoned, rep)
 
 
 def _signature_problem(e: dict, request: dict | None, keys: Path | None) -> str:
