@@ -20,6 +20,7 @@ from common.fl.contract import (
     EVALUATE_SEGMENT,
     MODEL,
     QUERY_SITE,
+    TRAIN_ADAPT,
     TRAIN_FINETUNE,
     TRAIN_PRETRAIN,
     action,
@@ -46,6 +47,13 @@ def train_pretrain(msg: Message, context: Context) -> Message:
 def train_finetune(msg: Message, context: Context) -> Message:
     res = jobs.finetune(messages.unpack_request(msg.content), resolve_site(context))
     reply = messages.pack_weights_reply(MODEL, res.state, res.metrics, res.num_examples)
+    return Message(reply, reply_to=msg)
+
+
+@app.train(action(TRAIN_ADAPT))
+def train_adapt(msg: Message, context: Context) -> Message:
+    res = jobs.adapt(messages.unpack_request(msg.content), resolve_site(context))
+    reply = messages.pack_metrics_reply(res.metrics, res.num_examples)  # the weights stay here
     return Message(reply, reply_to=msg)
 
 

@@ -6,6 +6,8 @@
   ``lower``, ``upper``) and a study's variants (``study.variants[].name``).
 - A **method** is what the report scores: an arm, or a fused pair of arms in one fusion mode.
   ``fusion-<mode>`` is the main pair (SimMIM + MT-NXent: the paper's method, "ours");
+  ``fusion-<mode>+adapt`` the main pair after a target site adapted it to its own unlabeled
+  frames (arms ``simmim-adapted``, ``mtnxent-adapted``: "ours+adapt");
   ``fusion-<mode>[a+b]`` any other pair (paper Table 8).
 
 Every module that names a branch, an arm or a method imports it from here
@@ -47,6 +49,8 @@ PRETRAIN_BRANCHES = tuple(n for n, b in BRANCHES.items() if b.pretrains)
 VARIANT_BRANCHES = tuple(BRANCHES)  # what a study variant may follow
 BUILTIN_ARMS = (*(b.arm for b in BRANCHES.values()), UPPER)
 MAIN_PAIR = (SIMMIM, MTNXENT)  # "ours": the heterogeneous pair the paper fuses
+ADAPTED = "-adapted"  # the main pair's arms after the target's adapt phase (they stay there)
+ADAPTED_PAIR = (f"{SIMMIM}{ADAPTED}", f"{MTNXENT}{ADAPTED}")
 
 
 def branch(name: str) -> Branch:
@@ -83,6 +87,8 @@ class Method:
             return self.arm
         if self.pair == MAIN_PAIR:
             return f"fusion-{self.mode}"
+        if self.pair == ADAPTED_PAIR:
+            return f"fusion-{self.mode}+adapt"
         return f"fusion-{self.mode}[{self.pair[0]}+{self.pair[1]}]"
 
 
@@ -96,15 +102,23 @@ def ours(default_mode: str) -> str:
     return fusion_name(default_mode, MAIN_PAIR)
 
 
+def ours_adapted(default_mode: str) -> str:
+    """The paper's method after the target's adapt phase, in the experiment's default mode."""
+    return fusion_name(default_mode, ADAPTED_PAIR)
+
+
 def parse_method(name: str) -> Method:
     """The method a report row names (the inverse of :attr:`Method.name`).
 
     Raises:
-        ValueError: ``fusion-…`` that is not ``fusion-<mode>`` or ``fusion-<mode>[a+b]``.
+        ValueError: ``fusion-…`` that is not ``fusion-<mode>``, ``fusion-<mode>+adapt`` or
+            ``fusion-<mode>[a+b]``.
     """
     if not name.startswith("fusion-"):
         return Method(arm=name)
     rest = name.removeprefix("fusion-")
+    if rest.endswith("+adapt") and "[" not in rest:
+        return Method(mode=rest.removesuffix("+adapt"), pair=ADAPTED_PAIR)
     if "[" not in rest:
         return Method(mode=rest, pair=MAIN_PAIR)
     mode, _, inner = rest.partition("[")

@@ -4,7 +4,8 @@ them, and how a frame becomes the model's input — one folder that `crossprobe 
     <site output>/bundle/
       weights.safetensors   both branches, keys "<branch>.<parameter>"
       bundle.json           pair, fusion mode/normalisation/eps, threshold, preprocessing, run id,
-                            config hash, the metrics this site measured on its own test frames
+                            config hash, the metrics this site measured on its own test frames,
+                            how the site adapted the pair to its own frames (null: it did not)
       experiment.yaml       the experiment the models were trained under (rebuilds the network)
 
 Nothing of it crosses the wire: the weights are the fine-tuned models the server sent for
@@ -65,10 +66,12 @@ def save_bundle(
     metrics: dict[str, float],
     run_id: int | str | None = None,
     pair: tuple[str, str] = arms.MAIN_PAIR,
+    adaptation: dict[str, Any] | None = None,
 ) -> Path:
     """Write the bundle of ``pair`` (from ``models``) into ``folder``; returns the folder.
 
-    ``metrics`` are this site's own scores of the pair (and its branches) on its test frames.
+    ``metrics`` are this site's own scores of the pair (and its branches) on its test frames;
+    ``adaptation`` how the site adapted the pair to its own frames (None: the paper's pair).
     """
     from safetensors.torch import save_file
 
@@ -90,6 +93,7 @@ def save_bundle(
         "img_size": cfg.model.img_size,
         "preprocessing": PREPROCESSING,
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+        "adaptation": adaptation,
     }
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return folder

@@ -188,6 +188,30 @@ class FusionConfig(_Frozen):
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
+AdaptMethod = Literal["none", "self-training", "tent"]
+
+
+class AdaptConfig(_Frozen):
+    """The optional phase after fine-tuning (docs/method.md, "Adapting at the target"): each target
+    site trains the fine-tuned pair on its own unlabeled train frames, with no label and no
+    stopping rule that looks at one (a fixed budget), and keeps the result.
+
+    self-training: pseudo-labels from an EMA teacher's fused prediction, each pixel weighted by the
+    fusion's confidence, learnt by both students on a strongly augmented view.
+    tent: entropy minimisation of each branch's prediction on the normalisation layers' affine
+    parameters only (batch-norm statistics re-estimated on the target frames).
+    """
+
+    method: AdaptMethod = "none"
+    ema: float = Field(0.99, ge=0, lt=1)  # self-training: the teacher's momentum per step
+    min_confidence: float = Field(0.0, ge=0, lt=1)  # self-training: pixels below weigh nothing
+    strong_view: bool = True  # self-training: the students see a strongly augmented view
+    health_frames: int = Field(64, ge=1)  # frames the label-free before/after signals are read on
+    optim: OptimConfig = OptimConfig(
+        optimizer="adamw", lr=1e-4, weight_decay=0.0, batch_size=16, epochs=50, max_steps=60
+    )
+
+
 DEFAULT_DIFFICULTY = 2.0  # measured: docs/results.md, "Calibrating the phantom"
 
 
@@ -293,6 +317,7 @@ class ExperimentConfig(_Frozen):
     contrastive: ContrastiveConfig = ContrastiveConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     fusion: FusionConfig = FusionConfig()
+    adapt: AdaptConfig = AdaptConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     sites: tuple[SiteConfig, ...] = ()
     study: StudyConfig = StudyConfig()

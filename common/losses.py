@@ -129,3 +129,31 @@ class DiceBCELoss(nn.Module):
         inter = (p * target).sum()
         dice = 1 - (2 * inter + self.smooth) / (p.sum() + target.sum() + self.smooth)
         return dice + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary entropy H(p) in nats (0 at p ∈ {0, 1}, ln 2 at p = 0.5)."""
+    q = p.float().clamp(1e-7, 1 - 1e-7)
+    return -(q * q.log() + (1 - q) * (1 - q).log())
+
+
+def weighted_dice_bce(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, smooth: float = 1.0
+) -> torch.Tensor:
+    """DiceBCE (:class:`DiceBCELoss`) with each pixel counted ``weight`` times: the loss of
+    confidence-weighted self-training, where ``target`` is a pseudo-label and ``weight`` how much
+    the teacher's fusion trusts it.
+
+    BCE = Σ w·bce / Σ w;  Dice term = 1 − (2 Σ w·p·g + smooth) / (Σ w·p + Σ w·g + smooth), sums over
+    the whole batch. All-ones weights give exactly :class:`DiceBCELoss`.
+    """
+    if not (logits.shape == target.shape == weight.shape):
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, target {tuple(target.shape)} and weight "
+            f"{tuple(weight.shape)} must match"
+        )
+    logits, target, w = logits.float(), target.float(), weight.float()
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (w * p * target).sum() + smooth) / ((w * p).sum() + (w * target).sum() + smooth)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return dice + (w * bce).sum() / w.sum().clamp_min(1e-12)

@@ -67,13 +67,13 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _setup(cfg: ExperimentConfig) -> torch.device:
+def setup_device(cfg: ExperimentConfig) -> torch.device:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     return torch.device(cfg.runtime.device)
 
 
-def _loader(
+def make_loader(
     ds,
     batch_size: int,
     cfg: ExperimentConfig,
@@ -101,7 +101,7 @@ def _loader(
     )
 
 
-def _fit_kwargs(
+def fit_kwargs(
     cfg: ExperimentConfig, optim, device, phase: str, out_dir: Path, progress: bool
 ) -> dict[str, Any]:
     return {
@@ -160,7 +160,7 @@ def _simmim_setup(cfg: ExperimentConfig, site: SiteData, gen: torch.Generator):
     scfg, size = cfg.simmim, cfg.model.img_size
     model = SimMIMModel(cfg.model)
     ds = FrameDataset(site, "train", size)
-    loader = _loader(ds, scfg.optim.batch_size, cfg, gen)
+    loader = make_loader(ds, scfg.optim.batch_size, cfg, gen)
     step = simmim_step(model, scfg, size, torch.Generator().manual_seed(cfg.seed + 1))
     return model, ds, loader, step, scfg.optim
 
@@ -180,7 +180,7 @@ def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: 
         sampler = VideoBatchSampler(
             ds.video_ids, min(optim.batch_size, len(ds)), ccfg.frames_per_video, cfg.seed
         )
-    loader = _loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
+    loader = make_loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
     step = contrastive_step(model, MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap))
     return model, ds, loader, step, optim
 
@@ -210,7 +210,7 @@ def pretrain(
         raise ValueError(
             f"unknown pretraining branch {branch!r}; expected one of {arms.PRETRAIN_BRANCHES}"
         )
-    device = _setup(cfg)
+    device = setup_device(cfg)
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def pretrain(
         load_encoder(model, init_encoder)
     opt = make_optimizer(model.parameters(), optim)
     phase = f"pretrain:{name or branch}"
-    res = fit(model, step, loader, opt, **_fit_kwargs(cfg, optim, device, phase, out_dir, progress))
+    res = fit(model, step, loader, opt, **fit_kwargs(cfg, optim, device, phase, out_dir, progress))
     # the decoder / projection head stay at the site, never shipped
     torch.save(model.state_dict(), out_dir / "model_local.pt")
     return StageResult(encoder_state_dict(model.cpu()), res.metrics(), len(ds))
@@ -264,7 +264,7 @@ def finetune(
     """
     from common.data.datasets import SegDataset
 
-    device = _setup(cfg)
+    device = setup_device(cfg)
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,15 +283,15 @@ def finetune(
     opt = make_optimizer(model.parameters(), optim, weight_decay=_weight_decay(cfg, arm, branch))
     val_loader = None
     if val is not None:
-        val_loader = _loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
+        val_loader = make_loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
     res = fit(
         model,
         step,
-        _loader(train, optim.batch_size, cfg, gen),
+        make_loader(train, optim.batch_size, cfg, gen),
         opt,
         val_loader=val_loader,
         val_every=optim.val_every,
-        **_fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress),
+        **fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress),
     )
     metrics = res.metrics()
     metrics["labeled_val_frames"] = float(len(val) if val is not None else 0)
@@ -433,7 +433,7 @@ def evaluate(
     """
     from common.data.datasets import SegDataset
 
-    device = _setup(cfg)
+    device = setup_device(cfg)
     out_dir = Path(out_dir)
     if not site.select(split=split, labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled {split!r} frames to evaluate on")

@@ -21,8 +21,9 @@ from server.tables import fusion_table, gap_share, pct
 
 
 def method_order(cfg: ExperimentConfig) -> list[str]:
-    """Ours first, then the other fusion modes, the single branches, the study's variant arms and
-    extra fused pairs, the bounds."""
+    """Ours first (then ours+adapt when the targets adapted), then the other fusion modes, the
+    single branches (and their adapted versions), the study's variant arms and extra fused pairs,
+    the bounds."""
     default = cfg.fusion.default_mode
     modes = [default, *(m for m in cfg.fusion.modes if m != default)]
     ours = arms.ours(default)
@@ -36,7 +37,12 @@ def method_order(cfg: ExperimentConfig) -> list[str]:
         for m in modes
     ]
     rest = [f for f in fusions if f != ours]
-    return [ours, *rest, *built_in, *variants, *pairs, arms.LOWER, arms.UPPER]
+    adapted: list[str] = []
+    if cfg.adapt.method != "none":
+        adapted = [arms.fusion_name(m, arms.ADAPTED_PAIR) for m in modes]
+        built_in += list(arms.ADAPTED_PAIR)
+    top = [ours, *adapted[:1], *rest, *adapted[1:]]
+    return [*top, *built_in, *variants, *pairs, arms.LOWER, arms.UPPER]
 
 
 def label(cfg: ExperimentConfig, method: str) -> str:
@@ -48,6 +54,9 @@ def label(cfg: ExperimentConfig, method: str) -> str:
     default = cfg.fusion.default_mode
     names = {
         arms.ours(default): f"Ours (SimMIM + MT-NXent, {default} fusion)",
+        arms.ours_adapted(default): f"Ours+adapt ({cfg.adapt.method} at the target)",
+        arms.ADAPTED_PAIR[0]: f"SimMIM, adapted ({cfg.adapt.method})",
+        arms.ADAPTED_PAIR[1]: f"MT-NXent, adapted ({cfg.adapt.method})",
         arms.SIMMIM: "SimMIM",
         arms.MTNXENT: f"MT-NXent (t = {cfg.contrastive.min_frame_gap})",
         arms.SIMCLR: "SimCLR (t = 0)",
@@ -119,6 +128,7 @@ def build_results(
     """Everything the report shows, as plain JSON (score vectors included for re-analysis)."""
     methods = method_order(cfg)
     ours = methods[0]
+    adapted = arms.ours_adapted(cfg.fusion.default_mode) if cfg.adapt.method != "none" else None
     tables = {
         name: _site_table(methods, ours, ev) for name, ev in evaluated_test_sets(evaluation).items()
     }
@@ -127,11 +137,15 @@ def build_results(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "rounds": cfg.rounds,
         "ours": ours,
+        "ours_adapted": adapted,
         "methods": methods,
         "labels": {m: label(cfg, m) for m in methods},
         "sites": sites,
         "tables": tables,
         "gap_closed": {name: _gap(t, ours) for name, t in tables.items()},
+        "gap_closed_adapted": {name: _gap(t, adapted) for name, t in tables.items()}
+        if adapted
+        else {},
         "fusion_selection": fusion_selection(cfg, evaluation),
         "evaluation": evaluation,
         "phases": phases,
@@ -204,6 +218,8 @@ def _site_notes(results: dict[str, Any], names: list[str], role: str) -> list[st
                 f"; share of the lower→upper gap closed by ours: DSC {pct(g['dice'])}, "
                 f"IoU {pct(g['iou'])}"
             )
+            if ga := results.get("gap_closed_adapted", {}).get(n):
+                gap += f"; by ours+adapt: DSC {pct(ga['dice'])}, IoU {pct(ga['iou'])}"
         videos = len(next(iter(ev["per_video"].values()), []))
         lines.append(f"- {n}: {ev['num_examples']} test images in {videos} videos{gap}")
     return lines
@@ -247,6 +263,31 @@ def _fusion_section(sel: dict[str, Any] | None) -> list[str]:
     ]
 
 
+_HEALTH = ("entropy", "agreement", "foreground")  # common/adapt.py: health()
+
+
+def _adapt_section(results: dict[str, Any]) -> list[str]:
+    """What each target's adapt phase reported: its budget and label-free signals of the fused
+    pair on its own unlabeled frames, before → after (no label is read to compute them)."""
+    by_site = results.get("stage_metrics", {}).get("adapt", {})
+    if not by_site:
+        return []
+    lines = [
+        "## Adaptation at the target (label-free signals on its own train frames)",
+        "",
+        "| site | steps | seconds | fused entropy (bits/px) | branch agreement | foreground |",
+        "|---|---|---|---|---|---|",
+    ]
+    for site, rounds in by_site.items():
+        m = rounds.get("round-1", {}).get(site, {})
+        if m:
+            cells = [f"{m[f'{k}_before']:.3f} → {m[f'{k}_after']:.3f}" for k in _HEALTH]
+            lines.append(
+                f"| {site} | {m['steps']:.0f} | {m['seconds']:.1f} | {' | '.join(cells)} |"
+            )
+    return [*lines, ""]
+
+
 def _phase_section(phases: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Phases",
@@ -281,6 +322,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_role_section(results, TARGET, "Target test set"),
         *_role_section(results, SOURCE, "Source test set"),
         *_fusion_section(results.get("fusion_selection")),
+        *_adapt_section(results),
         *_phase_section(results["phases"]),
         "",
     ]

@@ -1,9 +1,11 @@
-"""The study as federated phases: discover → pretrain → finetune → evaluate → report.
+"""The study as federated phases: discover → pretrain → finetune → [adapt] → evaluate → report.
 
 The server only ever holds weights and scalars (+ per-image score vectors); frames, masks, features
 and predictions stay at the sites. Each phase with several same-role sites runs ``cfg.rounds``
 rounds and averages their weights by example count (Flower's ``aggregate_arrayrecords``); one target
-and one source site with ``rounds: 1`` is exactly the paper. Completed phases are persisted in the
+and one source site with ``rounds: 1`` is exactly the paper; ``adapt`` (``adapt.method``, off by
+default) goes beyond it: each target adapts the main pair to its own frames and keeps it, and only
+scalars come back. Completed phases are persisted in the
 run folder (``server/store.py``) so a rerun continues after the last completed phase.
 """
 
@@ -35,6 +37,7 @@ from common.fl.contract import (
     SOURCE,
     STAGE,
     TARGET,
+    TRAIN_ADAPT,
     TRAIN_FINETUNE,
     TRAIN_PRETRAIN,
     VIDEO_SCORES,
@@ -44,20 +47,22 @@ from server import report
 from server.rounds import Exchange, Job, PhaseLog, Site, WorkflowError, average_weights, mb
 from server.store import RunStore, atomic_write_json, atomic_write_text, fingerprint
 
-DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT = (
+DISCOVER, PRETRAIN, FINETUNE, ADAPT, EVALUATE, REPORT = (
     "discover",
     "pretrain",
     "finetune",
+    "adapt",
     "evaluate",
     "report",
 )
-PHASES = (DISCOVER, PRETRAIN, FINETUNE, EVALUATE, REPORT)
+PHASES = (DISCOVER, PRETRAIN, FINETUNE, ADAPT, EVALUATE, REPORT)
 # top-level experiment keys each phase's result depends on (besides the study's arms and the data)
 _TRAINING = ("seed", "rounds", "model", "simmim", "contrastive", "runtime")
 PHASE_SECTIONS = {
     PRETRAIN: _TRAINING,
     FINETUNE: (*_TRAINING, "finetune"),
-    EVALUATE: (*_TRAINING, "finetune", "fusion"),
+    ADAPT: (*_TRAINING, "finetune", "fusion", "adapt"),
+    EVALUATE: (*_TRAINING, "finetune", "fusion", "adapt"),
 }
 
 __all__ = ["PHASES", "Settings", "Workflow", "WorkflowError"]
@@ -358,24 +363,39 @@ class Workflow:
             }
         return models
 
+    @property
+    def adapts(self) -> bool:
+        return self.cfg.adapt.method != "none"
+
+    def adapt(self, models: dict[str, ArrayRecord]) -> dict[str, Any]:
+        """Each target site adapts the main pair to its own unlabeled frames and keeps it; the
+        reply holds scalars only (budget, wall time, label-free signals before and after)."""
+        pair = {a: models[a] for a in arms.MAIN_PAIR}
+        request = messages.pack_request(self.cfg, ADAPT, 1, models=pair)
+        jobs = [Job.to(site, TRAIN_ADAPT, site.name, request) for site in self.by_role(TARGET)]
+        replies = self._rounds(ADAPT, 1, jobs, self.s.timeout_train)
+        self._collect_metrics(ADAPT, 1, replies)
+        return {
+            key: dict(content.metric_records[METRICS]) for key, [(_, content)] in replies.items()
+        }
+
     def _evaluate_jobs(self, models: dict[str, ArrayRecord]) -> list[Job]:
-        """Every model and fused pair at every site with labeled test frames; and, to choose the
-        fusion mode without looking at any test set (paper Table 7), the main pair's fusions on
-        each source site's labeled validation frames (job key "<site>:val")."""
+        """Every model and fused pair at every site with labeled test frames (at a target that
+        adapted, its own adapted pair too); and, to choose the fusion mode without looking at any
+        test set (paper Table 7), the main pair's fusions on each source site's labeled validation
+        frames (job key "<site>:val")."""
         fusions = self.fusion_pairs(models)
         sites = [s for s in self.sites.values() if s.labeled("test")]
         if not sites:
             raise WorkflowError("phase 'evaluate': no site has labeled test frames")
-        jobs = [
-            Job.to(
-                site,
-                EVALUATE_SEGMENT,
-                site.name,
-                self._evaluate_request("test", models, fusions),
-                max_list=site.labeled("test"),
+        jobs = []
+        for site in sites:
+            own = list(arms.ADAPTED_PAIR) if self.adapts and site.role == TARGET else []
+            pairs = [*fusions, arms.ADAPTED_PAIR] if own else fusions
+            request = self._evaluate_request("test", models, pairs, own)
+            jobs.append(
+                Job.to(site, EVALUATE_SEGMENT, site.name, request, max_list=site.labeled("test"))
             )
-            for site in sites
-        ]
         if self.cfg.study.select_on_source_val and fusions and fusions[0] == arms.MAIN_PAIR:
             pair = {a: models[a] for a in arms.MAIN_PAIR}
             jobs += [
@@ -391,7 +411,7 @@ class Workflow:
             ]
         return jobs
 
-    def _evaluate_request(self, split: str, models, fusions) -> RecordDict:
+    def _evaluate_request(self, split: str, models, fusions, own=()) -> RecordDict:
         return messages.pack_request(
             self.cfg,
             EVALUATE,
@@ -400,6 +420,7 @@ class Workflow:
             models=models,
             fusions=fusions,
             max_frames=self.s.max_eval_frames,
+            local_models=list(own),
         )
 
     def evaluate(self, models: dict[str, ArrayRecord]) -> dict[str, Any]:
@@ -509,6 +530,8 @@ class Workflow:
             self.discover()
             encoders = self._run_phase(PRETRAIN, self.pretrain, has_weights=True)
             models = self._run_phase(FINETUNE, lambda: self.finetune(encoders), has_weights=True)
+            if self.adapts:
+                self._run_phase(ADAPT, lambda: self.adapt(models), has_weights=False)
             evaluation = self._run_phase(EVALUATE, lambda: self.evaluate(models), has_weights=False)
             return self._report(evaluation)
         except WorkflowError as err:

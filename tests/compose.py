@@ -59,12 +59,14 @@ def engine() -> None:
 @pytest.fixture(scope="module")
 def wheels_url(engine):
     """The project's dependencies as wheels, served to the image build on the docker bridge."""
-    if not any(WHEELHOUSE.glob("torch-*.whl")):
+    complete = WHEELHOUSE / ".complete"  # an interrupted download leaves no marker: done again
+    if not complete.is_file():
         import tomllib
 
         deps = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
         sh("pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:", *deps,
            "setuptools", "wheel", timeout=900)  # fmt: skip
+        complete.touch()
     gateway = bridge_gateway()
     handler = functools.partial(QuietHandler, directory=str(WHEELHOUSE))
     server = http.server.ThreadingHTTPServer((gateway, 0), handler)

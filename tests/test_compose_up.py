@@ -150,7 +150,12 @@ def test_a_hospital_network_cut_a_killed_supernode_and_a_superlink_restart_leave
                                  env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         run_id = launched_run(launch_log)
-        recovery = _inject_faults(demo, net, run_id)
+        try:
+            recovery = _inject_faults(demo, net, run_id)
+        except TimeoutError as e:  # what the run said, to tell a slow machine from a stuck run
+            server = demo("logs", "--no-color", "--tail", "80", "serverapp", check=False).stdout
+            raise AssertionError(f"{e}\n--- launch\n{launch_log.read_text()[-3000:]}\n"
+                                 f"--- serverapp\n{server[-6000:]}") from e  # fmt: skip
         # lumify's SuperNode stopped mid-evaluation and not back within timeout-evaluate: the run
         # ends, and FAILED.json names the site and the phase
         lumify = demo.container("clientapp-lumify")

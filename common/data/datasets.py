@@ -19,6 +19,7 @@ from common.config import ContrastiveConfig
 from common.data.manifest import DataError, FrameRow, SiteData, load_site
 from common.data.transforms import (
     ContrastiveAugment,
+    appearance_augment,
     contrastive_views,
     preprocess_mask,
     resize_gray_u8,
@@ -133,6 +134,24 @@ class PairDataset(FrameDataset):
         img = to_model_image(self.gray(i))
         v1, v2 = contrastive_views(img, self.aug, sample_generator(self.seed, self.epoch, i))
         return {"view1": v1, "view2": v2, "video": self._video[i], "frame": self._frame[i]}
+
+
+class StrongViewDataset(FrameDataset):
+    """Frames of one split, labels never read → {"image": plain (3,S,S), "strong": the same frame
+    appearance-augmented (no geometry: pixels keep their place), "video", "frame"} (adapt phase)."""
+
+    def __init__(self, site: SiteData | str | Path, split: str | None, img_size: int, seed: int):
+        super().__init__(site, split, img_size)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        g = sample_generator(self.seed, self.epoch, i)
+        item["strong"] = appearance_augment(item["image"], g)
+        return item
 
 
 class SegDataset(FrameDataset):

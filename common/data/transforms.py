@@ -156,6 +156,13 @@ def strong_augment(
     """
     if float(torch.rand((), generator=g)) < 0.5:
         img, mask = img.flip(-1), mask.flip(-1)
+    return appearance_augment(img, g), mask.contiguous()
+
+
+def appearance_augment(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each with p = 0.5: Gaussian blur, speckle-like multiplicative noise, γ, contrast — no
+    geometry, so a pixel keeps its place (the adapt phase's strong view of a frame whose pseudo-label
+    comes from the plain one). Image (3, S, S) in [0, 1]."""
     x = img[:1]
     if float(torch.rand((), generator=g)) < 0.5:  # blur
         sigma = _uniform(g, 0.3, 1.5)
@@ -175,7 +182,7 @@ def strong_augment(
         f = _uniform(g, 0.6, 1.4)
         x = f * x + (1 - f) * x.mean()
     x = x.clamp(0.0, 1.0)
-    return x.expand(3, -1, -1).contiguous(), mask.contiguous()
+    return x.expand(3, -1, -1).contiguous()
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

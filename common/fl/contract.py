@@ -12,6 +12,7 @@ on everything it receives (``server/workflow.py``), and by the auditor to every 
 | query.site         | federation table (simulation only)        | site card                    |
 | train.pretrain     | experiment + stage config, [encoder]      | encoder weights + metrics    |
 | train.finetune     | experiment + stage config, [encoder|model]| model weights + metrics      |
+| train.adapt        | experiment + stage config, the main pair  | metrics only (no weights)    |
 | evaluate.segment   | experiment + stage config, models         | metrics + score vectors      |
 
 docs/architecture.md, "The wire contract", explains each row; docs/audit.md the bounds below.
@@ -33,8 +34,9 @@ ANY_ROLE = "*"  # query requests go to every node before its role is known
 QUERY_SITE = "query.site"
 TRAIN_PRETRAIN = "train.pretrain"
 TRAIN_FINETUNE = "train.finetune"
+TRAIN_ADAPT = "train.adapt"  # the target adapts the pair to its own frames and keeps the result
 EVALUATE_SEGMENT = "evaluate.segment"
-MESSAGE_TYPES = (QUERY_SITE, TRAIN_PRETRAIN, TRAIN_FINETUNE, EVALUATE_SEGMENT)
+MESSAGE_TYPES = (QUERY_SITE, TRAIN_PRETRAIN, TRAIN_FINETUNE, TRAIN_ADAPT, EVALUATE_SEGMENT)
 
 
 def action(message_type: str) -> str:
@@ -68,6 +70,7 @@ K_MODELS = "models"
 K_FUSIONS = "fusions"
 K_SPLIT = "split"
 K_MAX_FRAMES = "max-frames"  # evaluate: the most frames the server asks a site to score
+K_LOCAL_MODELS = "local-models"  # evaluate: models the site holds itself (its adapted pair)
 # Keys of the FEDERATION record (parallel lists, index = partition-id).
 K_NAMES = "names"
 K_ROLES = "roles"
@@ -106,6 +109,7 @@ ALLOWED_REQUEST_RECORDS: dict[tuple[str, str], frozenset[str]] = {
     (TRAIN_PRETRAIN, TARGET): frozenset({EXPERIMENT, STAGE, ENCODER}),
     (TRAIN_FINETUNE, SOURCE): frozenset({EXPERIMENT, STAGE, ENCODER, MODEL}),
     (TRAIN_FINETUNE, TARGET): frozenset({EXPERIMENT, STAGE, MODEL}),  # upper bound: no encoder
+    (TRAIN_ADAPT, TARGET): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
     (EVALUATE_SEGMENT, SOURCE): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
     (EVALUATE_SEGMENT, TARGET): frozenset({EXPERIMENT, STAGE, MODEL_PREFIX}),
 }
@@ -119,6 +123,7 @@ ALLOWED_REPLY_RECORDS: dict[tuple[str, str], frozenset[str]] = {
     (TRAIN_PRETRAIN, TARGET): frozenset({ENCODER, METRICS, SIGNATURE}),
     (TRAIN_FINETUNE, SOURCE): frozenset({MODEL, METRICS, SIGNATURE}),
     (TRAIN_FINETUNE, TARGET): frozenset({MODEL, METRICS, SIGNATURE}),
+    (TRAIN_ADAPT, TARGET): frozenset({METRICS, SIGNATURE}),  # the adapted weights stay there
     (EVALUATE_SEGMENT, SOURCE): _EVAL_REPLY,
     (EVALUATE_SEGMENT, TARGET): _EVAL_REPLY,
 }
@@ -147,6 +152,15 @@ TRAIN_METRIC_NAMES = frozenset(
         "best_step",
         "labeled_val_frames",
         NUM_EXAMPLES,
+    }
+)
+# the adapt phase: its budget and wall time, and label-free signals of the pair before and after
+ADAPT_METRIC_NAMES = frozenset(
+    {"steps", "epochs", "seconds", "images_per_s", "train_loss", NUM_EXAMPLES}
+    | {
+        f"{s}_{when}"
+        for s in ("entropy", "agreement", "foreground")
+        for when in ("before", "after")
     }
 )
 EVAL_SCALAR_NAMES = frozenset(
@@ -371,12 +385,15 @@ def _stage_of(request: list[dict]) -> tuple[dict, dict]:
 
 def reply_names(message_type: str, request: list[dict]) -> dict[str, frozenset[str]]:
     """Record name -> the names its entries may have in a reply to ``request``: fixed for
-    training and the site card; for an evaluation, ``<method>/<dice|iou>`` of exactly the models
-    and fused pairs the server sent (every fusion mode of the experiment) and the fixed scalars."""
+    training, adaptation and the site card; for an evaluation, ``<method>/<dice|iou>`` of exactly
+    the models the server sent or named as the site's own (its adapted pair) and the fused pairs it
+    asked for (every fusion mode of the experiment), and the fixed scalars."""
     if message_type == QUERY_SITE:
         return {SITE_CARD: CARD_KEYS}
     if message_type in (TRAIN_PRETRAIN, TRAIN_FINETUNE):
         return {METRICS: TRAIN_METRIC_NAMES}
+    if message_type == TRAIN_ADAPT:
+        return {METRICS: ADAPT_METRIC_NAMES}
     from common.arms import fusion_name
 
     stage, exp = _stage_of(request)
@@ -386,7 +403,7 @@ def reply_names(message_type: str, request: list[dict]) -> dict[str, frozenset[s
 
     modes = listed(exp.get("fusion.modes"))
     pairs = [tuple(str(f).split("+", 1)) for f in listed(stage.get(K_FUSIONS)) if "+" in str(f)]
-    methods = [str(m) for m in listed(stage.get(K_MODELS))]
+    methods = [str(m) for m in listed(stage.get(K_MODELS)) + listed(stage.get(K_LOCAL_MODELS))]
     methods += [fusion_name(str(mode), pair) for pair in pairs for mode in modes]
     scores = frozenset(f"{m}/{s}" for m in methods for s in SCORE_NAMES)
     return {

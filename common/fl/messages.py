@@ -25,6 +25,7 @@ from common.fl.contract import (
     K_CHECKPOINTS,
     K_DATA_DIRS,
     K_FUSIONS,
+    K_LOCAL_MODELS,
     K_MAX_FRAMES,
     K_MODELS,
     K_NAMES,
@@ -98,6 +99,7 @@ class StageRequest:
     models: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     fusions: list[tuple[str, str]] = field(default_factory=list)
     max_frames: int = 0  # evaluate: the most labeled frames the server asked to be scored
+    local_models: list[str] = field(default_factory=list)  # evaluate: the site's own (adapted)
 
 
 def _arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -146,9 +148,12 @@ def pack_request(
     models: Mapping[str, Mapping[str, torch.Tensor] | ArrayRecord] | None = None,
     fusions: list[tuple[str, str]] | None = None,
     max_frames: int = 0,
+    local_models: list[str] | None = None,
 ) -> RecordDict:
-    """Build a train.pretrain / train.finetune / evaluate.segment request (``max_frames``: the most
-    labeled frames an evaluation may score, which bounds every score vector of the reply)."""
+    """Build a train.pretrain / train.finetune / train.adapt / evaluate.segment request
+    (``max_frames``: the most labeled frames an evaluation may score, which bounds every score
+    vector of the reply; ``local_models``: models the site scores from its own store — a target's
+    adapted pair — besides those sent)."""
     stage = ConfigRecord(
         {
             K_PHASE: phase,
@@ -159,6 +164,7 @@ def pack_request(
             K_MODELS: sorted(models or {}),
             K_FUSIONS: [f"{a}+{b}" for a, b in (fusions or [])],
             K_MAX_FRAMES: int(max_frames),
+            K_LOCAL_MODELS: list(local_models or []),
         }
     )
     rd = RecordDict({EXPERIMENT: flatten_experiment(cfg), STAGE: stage})
@@ -193,6 +199,7 @@ def unpack_request(content: RecordDict) -> StageRequest:
         models=models,
         fusions=[tuple(f.split("+", 1)) for f in stage[K_FUSIONS]],  # type: ignore[misc]
         max_frames=int(stage.get(K_MAX_FRAMES, 0)),
+        local_models=[str(m) for m in stage.get(K_LOCAL_MODELS, [])],
     )
 
 
@@ -233,6 +240,11 @@ def pack_weights_reply(
     """Pretrain (record=ENCODER) or finetune (record=MODEL) reply. METRICS comes first because
     Flower's ``aggregate_arrayrecords`` weights by the first MetricRecord."""
     return RecordDict({METRICS: _metric_record(metrics, num_examples), record: _arrays(state)})
+
+
+def pack_metrics_reply(metrics: Mapping[str, float], num_examples: int) -> RecordDict:
+    """train.adapt reply: scalars only; the adapted weights stay at the site."""
+    return RecordDict({METRICS: _metric_record(metrics, num_examples)})
 
 
 def pack_eval_reply(
