@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
 from clients.app import app as client_app
 from common import arms
@@ -26,6 +27,7 @@ from common.fl.describe import describe
 from common.losses import DiceBCELoss, binary_entropy, weighted_dice_bce
 from common.models import build_transunet
 from common.stages import finetune
+from crossprobe.cli import app as crossprobe_cli
 from server.app import app as server_app
 from tests.fl_harness import run_server, site_grid
 
@@ -204,6 +206,10 @@ def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audi
     )
     assert bundle.card["metrics"][f"{ours_adapt}/dice"] == pytest.approx(target[ours_adapt]["dice"])
     assert load_bundle(site / "bundle-unadapted").pair == arms.MAIN_PAIR
+    sweep, seg = str(sites_root / "telemed"), str(tmp_path / "seg")
+    res = CliRunner().invoke(crossprobe_cli, ["segment", str(site / "bundle"), sweep, "--out", seg])
+    assert res.exit_code == 0 and ours_adapt in res.output, res.output
+    assert any((tmp_path / "seg").rglob("frames.csv"))
     assert not (run / "sites" / "lumify" / "adapt").exists()
     report = audit_run(run)
     assert report.ok, report.render()
