@@ -19,7 +19,7 @@ from clients.app import app as client_app
 from common import arms
 from common.adapt import NORMS, MeanTeacherPair, adapt, health, tent_parameters
 from common.bundle import load_bundle
-from common.config import dump_experiment, load_experiment
+from common.config import SiteConfig, SynthConfig, dump_experiment, load_experiment
 from common.data.manifest import load_site
 from common.fl import contract, messages
 from common.fl.audit import audit_run
@@ -172,18 +172,23 @@ def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audi
 ):
     from simulations.sites import ensure_site
 
+    # two targets: each adapts to its own frames
+    second = SiteConfig(name="telemed2", role="target", synth=SynthConfig(
+        preset="target", patients=6, videos_per_patient=1, frames_per_video=8, seed=3))  # fmt: skip
     cfg = _with(tiny["cfg"], method="self-training")
+    cfg = cfg.model_copy(update={"sites": (*cfg.sites, second)})
     exp = tmp_path / "adapt.yaml"
     exp.write_text(dump_experiment(cfg))
     sites_root = tmp_path / "sites"
     for site in cfg.sites:
         ensure_site(site, cfg.model.img_size, sites_root, progress=False)
     run = tmp_path / "run"
-    grid = site_grid(client_app, exp, run, sites_root, 2)
+    grid = site_grid(client_app, exp, run, sites_root, 3)
     run_server(server_app, grid)
     adapts = [s for s in grid.log if s.message_type == contract.TRAIN_ADAPT]
-    assert len(adapts) == 1  # one target
-    assert set(adapts[0].records_in) == {contract.METRICS, contract.SIGNATURE}  # no weights back
+    assert len(adapts) == 2  # one per target
+    for sent in adapts:  # no weights back
+        assert set(sent.records_in) == {contract.METRICS, contract.SIGNATURE}
     results = json.loads((run / "results.json").read_text())
     ours_adapt = arms.ours_adapted(cfg.fusion.default_mode)
     assert results["methods"][:2] == [arms.ours(cfg.fusion.default_mode), ours_adapt]
@@ -211,6 +216,9 @@ def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audi
     assert res.exit_code == 0 and ours_adapt in res.output, res.output
     assert any((tmp_path / "seg").rglob("frames.csv"))
     assert not (run / "sites" / "lumify" / "adapt").exists()
+    own = {n: load_bundle(run / "sites" / n / "bundle").states for n in ("telemed", "telemed2")}
+    a, b = (own[n][arms.ADAPTED_PAIR[0]] for n in own)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # each adapted to its own frames
     report = audit_run(run)
     assert report.ok, report.render()
     # a lost adapted pair (the site's folder cleaned) is made again, the same, at evaluation
@@ -219,7 +227,7 @@ def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audi
     index = json.loads((run / "phases.json").read_text())  # evaluation not done yet
     index["completed"] = [c for c in index["completed"] if c["phase"] != "evaluate"]
     (run / "phases.json").write_text(json.dumps(index))
-    grid = site_grid(client_app, exp, run, sites_root, 2)
+    grid = site_grid(client_app, exp, run, sites_root, 3)
     run_server(server_app, grid)
     again = json.loads((run / "results.json").read_text())
     assert [p["phase"] for p in again["phases"] if p["resumed"]][:3] == [
