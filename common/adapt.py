@@ -10,8 +10,12 @@ key (``adapt.method``):
   average, so a wrong pseudo-label does not feed on itself) fuses its two predictions on the plain
   frame; the fused mask is the pseudo-label and the fusion's confidence, 1 − H(p)/ln 2, each pixel's
   weight. Both students learn it with DiceBCE on a strongly augmented view of the same frame (a
-  consistency term: the prediction must not depend on blur, speckle or contrast). The teacher is
-  what the site keeps.
+  consistency term: the prediction must not depend on blur, speckle or contrast). The zero padding
+  that makes a frame square, and ``adapt.edge_px`` pixels into the frame from it, are background
+  with full weight (``adapt.padding_prior``): there is no tissue there, which each frame's size
+  tells without a label, and the bright-over-dark step at the padding's edge is what the
+  source-trained models mistake for a bone surface — self-training without this prior learns that
+  mistake (docs/results.md). The teacher is what the site keeps.
 - ``tent``: each branch minimises the entropy of its own prediction, on its normalisation layers'
   affine parameters only (TENT); batch-norm layers re-estimate their statistics on the target's
   frames and keep them for inference (a bedside frame at batch 1 must not depend on its batch).
@@ -94,6 +98,9 @@ def self_training_step(pair: MeanTeacherPair, cfg: ExperimentConfig) -> Step:
             target = (p >= fcfg.threshold).float()
             weight = confidence(p, "entropy")
             weight = weight * (weight >= acfg.min_confidence)
+            if acfg.padding_prior:  # no tissue outside the acquired frame: background, trusted
+                outside = batch["outside"]
+                target, weight = target * (1 - outside), torch.maximum(weight, outside)
         view = batch["strong"] if acfg.strong_view else batch["image"]
         loss = sum(weighted_dice_bce(pair.students[b](view), target, weight) for b in (g, c))
         return {"loss": loss, "pseudo_foreground": target.mean(), "mean_weight": weight.mean()}
@@ -179,7 +186,7 @@ def adapt(
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = StrongViewDataset(site, "train", cfg.model.img_size, seed=cfg.seed)
+    ds = StrongViewDataset(site, "train", cfg.model.img_size, seed=cfg.seed, margin=acfg.edge_px)
     if len(ds) == 0:
         raise ValueError(f"site {site.name!r} has no train frames to adapt on")
     nets = load_models(cfg, {b: models[b] for b in arms.MAIN_PAIR}, device)

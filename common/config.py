@@ -206,6 +206,10 @@ class AdaptConfig(_Frozen):
     ema: float = Field(0.99, ge=0, lt=1)  # self-training: the teacher's momentum per step
     min_confidence: float = Field(0.0, ge=0, lt=1)  # self-training: pixels below weigh nothing
     strong_view: bool = True  # self-training: the students see a strongly augmented view
+    # self-training: the zero padding, and edge_px pixels into the frame from it, are background
+    # with full weight — known from each frame's size, no label (docs/method.md)
+    padding_prior: bool = True
+    edge_px: int = Field(2, ge=0)
     health_frames: int = Field(64, ge=1)  # frames the label-free before/after signals are read on
     optim: OptimConfig = OptimConfig(
         optimizer="adamw", lr=1e-4, weight_decay=0.0, batch_size=16, epochs=50, max_steps=60

@@ -234,3 +234,13 @@ def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audi
         "pretrain", "finetune", "adapt",
     ]  # fmt: skip
     assert again["tables"]["telemed"][ours_adapt]["dice"] == pytest.approx(first)
+
+
+def test_outside_frame_marks_the_padding_and_grows_only_where_there_is_padding():
+    from common.data.transforms import outside_frame
+
+    wide = outside_frame(80, 100, 96, margin=2)[0]  # padded at the bottom only
+    assert wide[:74].sum() == 0 and wide[74:].eq(1).all()
+    assert outside_frame(100, 100, 96, margin=2).sum() == 0  # square: nothing outside
+    tall = outside_frame(100, 50, 96, margin=0)[0]
+    assert tall[:, :48].sum() == 0 and tall[:, 48:].eq(1).all()

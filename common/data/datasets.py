@@ -20,6 +20,7 @@ from common.data.manifest import DataError, FrameRow, SiteData, load_site
 from common.data.transforms import (
     ContrastiveAugment,
     appearance_augment,
+    outside_frame,
     contrastive_views,
     preprocess_mask,
     resize_gray_u8,
@@ -138,11 +139,17 @@ class PairDataset(FrameDataset):
 
 class StrongViewDataset(FrameDataset):
     """Frames of one split, labels never read → {"image": plain (3,S,S), "strong": the same frame
-    appearance-augmented (no geometry: pixels keep their place), "video", "frame"} (adapt phase)."""
+    appearance-augmented (no geometry: pixels keep their place), "outside": (1,S,S) 1 on the
+    padding and within ``margin`` pixels of it (from the frame's size), "video", "frame"}
+    (adapt phase)."""
 
-    def __init__(self, site: SiteData | str | Path, split: str | None, img_size: int, seed: int):
+    def __init__(
+        self, site: SiteData | str | Path, split: str | None, img_size: int, seed: int,
+        margin: int = 0,
+    ):  # fmt: skip
         super().__init__(site, split, img_size)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.margin = seed, 0, margin
+        self._outside: dict[tuple[int, int], torch.Tensor] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -151,6 +158,10 @@ class StrongViewDataset(FrameDataset):
         item = super().__getitem__(i)
         g = sample_generator(self.seed, self.epoch, i)
         item["strong"] = appearance_augment(item["image"], g)
+        hw = read_png_size(self.site.path(self.rows[i].image_path))
+        if hw not in self._outside:
+            self._outside[hw] = outside_frame(*hw, self.img_size, self.margin)
+        item["outside"] = self._outside[hw]
         return item
 
 

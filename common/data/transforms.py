@@ -44,6 +44,19 @@ def resize_gray_u8(img: np.ndarray, size: int) -> np.ndarray:
     return r[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def outside_frame(h: int, w: int, size: int, margin: int = 0) -> torch.Tensor:
+    """(1, size, size) float mask of the model-input pixels that did not come from an (h, w) frame
+    — the zero padding :func:`pad_to_square` adds at the bottom and right — grown ``margin`` pixels
+    into the frame (the bright-over-dark step at the padding's edge looks like a bone surface)."""
+    m = max(h, w)
+    rows, cols = int(h * size // m), int(w * size // m)  # fully inside the resized frame
+    rows -= margin if rows < size else 0  # grown only on a side that has padding
+    cols -= margin if cols < size else 0
+    out = torch.ones(1, size, size)
+    out[:, : max(rows, 0), : max(cols, 0)] = 0.0
+    return out
+
+
 def to_model_image(gray_u8: np.ndarray) -> torch.Tensor:
     """(S, S) uint8 → (3, S, S) float32 in [0, 1] (no mean/std normalisation)."""
     t = torch.from_numpy(np.ascontiguousarray(gray_u8)).to(torch.float32).div_(255.0)
