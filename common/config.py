@@ -290,6 +290,11 @@ class VariantConfig(_Frozen):
     def _check(self) -> VariantConfig:
         if self.name in arms.BUILTIN_ARMS:
             raise ValueError(f"variant name {self.name!r} is a built-in arm {arms.BUILTIN_ARMS}")
+        if self.name.endswith(arms.ADAPTED):
+            # `<arm>-adapted` names the main pair's arms after the target's adapt phase.
+            raise ValueError(
+                f"variant name {self.name!r}: the suffix {arms.ADAPTED!r} is kept for adapted arms"
+            )
         for key in self.set:
             head = key.split(".", 1)[0]
             if key != "seed" and (head not in VARIANT_SECTIONS or "." not in key):

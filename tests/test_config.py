@@ -178,6 +178,10 @@ def test_base_errors_name_the_files(tmp_path):
             r"variant 'x': invalid settings",
         ),
         ({"variants": [{"name": "simmim", "branch": "simmim"}]}, "is a built-in arm"),
+        (
+            {"variants": [{"name": "simmim-adapted", "branch": "simmim"}]},
+            "suffix '-adapted' is kept for adapted arms",
+        ),
         ({"pairs": [["simmim", "nope"]]}, r"study.pairs: 'nope' is not an arm"),
         (
             {"variants": [{"name": "a", "branch": "lower"}, {"name": "a", "branch": "lower"}]},

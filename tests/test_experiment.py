@@ -94,6 +94,11 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
 
 def test_experiment_configs_are_the_known_ones_and_load():
     paths = sorted(Path("configs/experiments").glob("*.yaml"))
-    assert {p.stem for p in paths} == {"smoke", "tables"}
-    for path in paths:
-        load_experiment(path)
+    assert {p.stem for p in paths} == {"smoke", "tables", "adapt", "adapt-tent"}
+    loaded = {path.stem: load_experiment(path) for path in paths}
+    # The TENT study reuses the self-training study's folder: same name, only the method differs.
+    assert loaded["adapt"].name == loaded["adapt-tent"].name == "adapt"
+    assert loaded["adapt"].adapt.method == "self-training"
+    assert loaded["adapt-tent"].adapt.method == "tent"
+    assert loaded["adapt-tent"].adapt.optim == loaded["adapt"].adapt.optim
+    assert loaded["tables"].adapt.method == "none"
