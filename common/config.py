@@ -149,6 +149,9 @@ class ContrastiveConfig(_Frozen):
     simclr_arm: bool = False  # also pretrain + fine-tune a SimCLR (min_frame_gap 0) arm
     sampler: Literal["random", "video"] = "random"
     frames_per_video: int = Field(4, ge=2)  # for sampler: video
+    # runtime.world_size > 1: negatives from the whole global batch (the paper's text), or from
+    # each process's share only (the authors' published script)
+    negatives: Literal["global", "per-device"] = "global"
     optim: OptimConfig = OptimConfig(
         optimizer="adam", lr=1e-5, weight_decay=0.05, batch_size=512, epochs=400
     )
@@ -265,6 +268,9 @@ class RuntimeConfig(_Frozen):
     channels_last: bool = False
     num_workers: int = Field(0, ge=0)
     threads: int | None = None
+    # processes that train one model at a site (one GPU each on CUDA; gloo between CPU processes);
+    # every batch_size is the global batch and must divide by it (common/distributed.py)
+    world_size: int = Field(1, ge=1)
 
 
 ARM_NAME = r"^[a-z][a-z0-9_.-]*$"
@@ -353,6 +359,13 @@ class ExperimentConfig(_Frozen):
                 raise ValueError(f"study.pairs: ({a}, {b}) fuses an arm with itself")
         for v in self.study.variants:
             variant_config(self, v)  # every override must make a valid experiment
+        world = self.runtime.world_size
+        for section in ("simmim", "contrastive", "finetune"):
+            bs = getattr(self, section).optim.batch_size
+            if bs % world:  # each process takes an equal share of every batch
+                raise ValueError(
+                    f"{section}.optim.batch_size ({bs}) must divide by runtime.world_size ({world})"
+                )
         if self.model.img_size % self.simmim.mask_patch_size:
             raise ValueError(
                 f"simmim.mask_patch_size ({self.simmim.mask_patch_size}) must divide "

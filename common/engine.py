@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common import distributed
 from common.config import OptimConfig
 
 Step = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
@@ -263,8 +264,8 @@ class _TrainState:
     def log_step(self, out: dict[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         """Count a finished optimiser step on ``batch``, record its losses, report progress."""
         self.steps += 1
-        self.images += _batch_size(batch)
-        lv = float(out["loss"].detach())
+        self.images += _batch_size(batch) * distributed.current().world
+        lv = distributed.global_mean(float(out["loss"].detach()))
         self.recent = (self.recent + [lv])[-10:]
         self.history.append(
             {
@@ -325,7 +326,8 @@ class _Validation:
         state.history.append({"step": float(state.steps), "val_loss": v})
         if self.best_val is None or v < self.best_val:
             self.best_val, self.best_step = v, state.steps
-            self._keep_weights()
+            if distributed.current().main:  # only rank 0 returns weights
+                self._keep_weights()
 
     def _keep_weights(self) -> None:
         state_dict = self.model.state_dict()
@@ -337,8 +339,8 @@ class _Validation:
             self.best_mem = {k: t.detach().clone() for k, t in state_dict.items()}
 
     def restore_best(self) -> None:
-        """Load the best weights back into the model (if any validation ran)."""
-        if self.best_val is None:
+        """Load the best weights back into the model (if any validation ran; rank 0 only)."""
+        if self.best_val is None or not distributed.current().main:
             return
         if self.path is not None:
             from safetensors.torch import load_file
@@ -378,6 +380,7 @@ def fit(
     max_steps: int | None = None,
     val_loader: Iterable | None = None,
     val_every: int = 0,
+    val_step: Step | None = None,
     warmup_steps: int = 0,
     bf16: bool = False,
     channels_last: bool = False,
@@ -390,10 +393,15 @@ def fit(
     Args:
         step: batch (already on ``device``) -> {"loss": scalar, ...}; extra entries are logged.
         epochs / max_steps: the budget; ``max_steps`` caps the total number of optimiser steps.
-        val_loader: optional; evaluated every ``val_every`` steps (0 = each epoch end) with the same
-            ``step`` under ``no_grad``; the lowest-loss weights are restored at the end.
+        val_loader: optional; evaluated every ``val_every`` steps (0 = each epoch end) with
+            ``val_step`` (default: ``step``) under ``no_grad``; the lowest-loss weights are
+            restored at the end.
         out_dir: if given, ``history.json``, ``loss.png`` and the best checkpoint
             (``best.safetensors``) are written there, so nothing large is kept twice in memory.
+    In a multi-process stage (common/distributed.py) every rank calls ``fit`` with its share of
+    each training batch and the whole validation set (so every rank picks the same checkpoint
+    one process would); the logged loss is the ranks' mean, and only rank 0 prints, writes and
+    keeps the best weights.
     Returns:
         FitResult with counts, wall time, images/s, final train loss (mean of the last 10 steps) and
         the best validation loss.
@@ -402,9 +410,13 @@ def fit(
     _prepare_model(model, device, channels_last)
     total, epochs = _plan_steps(train_loader, epochs, max_steps, phase)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    state = _TrainState(total, epochs, Progress(phase, total, enabled=progress))
+    main = distributed.current().main  # in a multi-process stage rank 0 reports and writes
+    state = _TrainState(total, epochs, Progress(phase, total, enabled=progress and main))
+    out_dir = out_dir if main else None
     best_path = out_dir / "best.safetensors" if out_dir is not None else None
-    validate = _Validation(model, step, val_loader, device, bf16, channels_last, best_path)
+    validate = _Validation(
+        model, val_step or step, val_loader, device, bf16, channels_last, best_path
+    )
 
     def train_on(batch: Mapping[str, Any]) -> None:
         batch = to_device(batch, device, channels_last)

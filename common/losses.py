@@ -5,6 +5,8 @@ Every loss documents its tensor shapes and raises ``ValueError`` naming a bad ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,13 +112,21 @@ class DiceBCELoss(nn.Module):
 
     forward(logits (B, 1, H, W), target (B, 1, H, W) in {0, 1}) -> scalar
     Dice term = 1 − (2 Σ p·g + 1) / (Σ p + Σ g + 1), p = sigmoid(logits).
+
+    ``batch_sum`` turns this batch's three sums into the whole batch's when the batch is split
+    between processes (``common.distributed.all_reduce_sum``); by default they are kept.
     """
 
-    def __init__(self, smooth: float = 1.0):
+    def __init__(
+        self,
+        smooth: float = 1.0,
+        batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__()
         if smooth < 0:
             raise ValueError(f"smooth must be >= 0 (got {smooth})")
         self.smooth = smooth
+        self.batch_sum = batch_sum
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
@@ -126,8 +136,11 @@ class DiceBCELoss(nn.Module):
         logits = logits.float()
         target = target.float()
         p = torch.sigmoid(logits)
-        inter = (p * target).sum()
-        dice = 1 - (2 * inter + self.smooth) / (p.sum() + target.sum() + self.smooth)
+        sums = torch.stack([(p * target).sum(), p.sum(), target.sum()])
+        if self.batch_sum is not None:
+            sums = self.batch_sum(sums)
+        inter, p_sum, g_sum = sums
+        dice = 1 - (2 * inter + self.smooth) / (p_sum + g_sum + self.smooth)
         return dice + F.binary_cross_entropy_with_logits(logits, target)
 
 

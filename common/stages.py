@@ -9,6 +9,7 @@ else — checkpoints, loss curves, fusion-weight maps, prediction overlays — i
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from common import arms
+from common import arms, distributed
 from common.config import ExperimentConfig, SimMIMConfig
 from common.engine import Step, autocast, fit, make_optimizer, to_device
 from common.fusion import fuse
@@ -68,9 +69,35 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def setup_device(cfg: ExperimentConfig) -> torch.device:
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    return torch.device(cfg.runtime.device)
+    """The stage's device (``cuda:r`` for rank r of a multi-process stage on GPUs) and CPU threads
+    (a multi-process stage on CPUs shares them out between its ranks)."""
+    world = distributed.current().world
+    if cfg.runtime.threads or world > 1:
+        threads = cfg.runtime.threads or os.cpu_count() or 1
+        torch.set_num_threads(max(1, threads // world))
+    return distributed.rank_device(cfg.runtime.device)
+
+
+def _on_device(model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device):
+    """``model`` on ``device`` (channels-last if asked), and what a step calls: ``model`` itself,
+    or in a multi-process stage ``model`` inside DDP with BatchNorm over the global batch."""
+    distributed.sync_batchnorm(model)
+    model.to(device)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return distributed.wrap(model, device)
+
+
+def _spawn(cfg: ExperimentConfig, stage, args: tuple, out_dir: Path, what: str):
+    """``stage(*args)`` in ``runtime.world_size`` processes; rank 0's result."""
+    return distributed.spawn(
+        stage,
+        args,
+        world_size=cfg.runtime.world_size,
+        device=cfg.runtime.device,
+        workdir=Path(out_dir),
+        what=what,
+    )
 
 
 def make_loader(
@@ -81,24 +108,38 @@ def make_loader(
     shuffle=True,
     drop_last=True,
     batch_sampler=None,
+    shard=True,
 ) -> DataLoader:
+    """A loader of ``ds``; in a multi-process stage and with ``shard``, of this rank's share of
+    each batch (the batches are the one-process ones: same order, same sizes)."""
     workers = cfg.runtime.num_workers
     common: dict[str, Any] = {
         "num_workers": workers,
         "persistent_workers": workers > 0,
         "pin_memory": cfg.runtime.device.startswith("cuda"),
     }
+    rank = distributed.current() if shard else distributed.Rank()
     if batch_sampler is not None:
+        gen = None  # the sampler draws its own batches
+    else:
+        bs = min(batch_size, len(ds))
+        if rank.world == 1:
+            return DataLoader(
+                ds,
+                batch_size=bs,
+                shuffle=shuffle,
+                drop_last=drop_last and len(ds) > bs,
+                generator=gen,
+                **common,
+            )
+        # the batches DataLoader(shuffle=...) would draw; the generator also seeds its workers,
+        # as there, so it is drawn from in the same order
+        order = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+        batch_sampler = BatchSampler(order, bs, drop_last=drop_last and len(ds) > bs)
+    if rank.world == 1:
         return DataLoader(ds, batch_sampler=batch_sampler, **common)
-    bs = min(batch_size, len(ds))
-    return DataLoader(
-        ds,
-        batch_size=bs,
-        shuffle=shuffle,
-        drop_last=drop_last and len(ds) > bs,
-        generator=gen,
-        **common,
-    )
+    shares = distributed.ShardedBatches(batch_sampler, rank)
+    return DataLoader(ds, batch_sampler=shares, generator=gen, **common)
 
 
 def fit_kwargs(
@@ -132,20 +173,34 @@ def simmim_step(model: SimMIMModel, scfg: SimMIMConfig, size: int, gen: torch.Ge
     return step
 
 
-def contrastive_step(model: ContrastiveModel, loss_fn: MTNXentLoss) -> Step:
-    """MT-NXent on two views. batch: view1, view2 (B, 3, S, S); video, frame (B,)."""
+def contrastive_step(
+    model: ContrastiveModel, loss_fn: MTNXentLoss, negatives: str = "global"
+) -> Step:
+    """MT-NXent on two views. batch: view1, view2 (B, 3, S, S); video, frame (B,).
+
+    In a multi-process stage, ``negatives="global"`` gathers every rank's embeddings, videos and
+    frame indices, so the loss is the one-process loss of the global batch (the paper's text);
+    ``"per-device"`` is each rank's loss of its own share, averaged (the authors' script).
+    """
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         b = batch["view1"].shape[0]
         # one forward pass over both views: the encoder normalises per sample (GroupNorm/LayerNorm)
         z = model(torch.cat([batch["view1"], batch["view2"]]))
-        return {"loss": loss_fn(z[:b].float(), z[b:].float(), batch["video"], batch["frame"])}
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32 loss under bf16 autocast
+        z_i, z_j, video, frame = z[:b], z[b:], batch["video"], batch["frame"]
+        if negatives == "global":
+            z_i, z_j = distributed.gather_with_grad(z_i), distributed.gather_with_grad(z_j)
+            video, frame = distributed.gather(video), distributed.gather(frame)
+        return {"loss": loss_fn(z_i, z_j, video, frame)}
 
     return step
 
 
 def segmentation_step(model: torch.nn.Module, loss_fn: DiceBCELoss) -> Step:
-    """Supervised DiceBCE. batch: image (B, 3, S, S), mask (B, 1, S, S) in {0, 1}."""
+    """Supervised DiceBCE. batch: image (B, 3, S, S), mask (B, 1, S, S) in {0, 1}. In a
+    multi-process stage give ``loss_fn`` ``batch_sum=distributed.all_reduce_sum``: its Dice is
+    over the whole batch, so the sums are the global batch's."""
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"loss": loss_fn(model(batch["image"]), batch["mask"])}
@@ -154,19 +209,21 @@ def segmentation_step(model: torch.nn.Module, loss_fn: DiceBCELoss) -> Step:
 
 
 def _simmim_setup(cfg: ExperimentConfig, site: SiteData, gen: torch.Generator):
-    """(model, dataset, loader, step, optimiser config) of the SimMIM branch."""
+    """(model, dataset, loader, step builder, optimiser config) of the SimMIM branch."""
     from common.data.datasets import FrameDataset
 
     scfg, size = cfg.simmim, cfg.model.img_size
     model = SimMIMModel(cfg.model)
     ds = FrameDataset(site, "train", size)
     loader = make_loader(ds, scfg.optim.batch_size, cfg, gen)
-    step = simmim_step(model, scfg, size, torch.Generator().manual_seed(cfg.seed + 1))
-    return model, ds, loader, step, scfg.optim
+    # each rank of a multi-process stage draws its own masks (rank 0: the one-process ones)
+    masks = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * distributed.current().rank)
+    return model, ds, loader, lambda net: simmim_step(net, scfg, size, masks), scfg.optim
 
 
 def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: torch.Generator):
-    """(model, dataset, loader, step, optimiser config) of MT-NXent, or of SimCLR (gap 0)."""
+    """(model, dataset, loader, step builder, optimiser config) of MT-NXent, or of SimCLR (gap
+    0)."""
     from common.data.datasets import PairDataset, VideoBatchSampler
 
     ccfg = cfg.contrastive
@@ -181,8 +238,8 @@ def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: 
             ds.video_ids, min(optim.batch_size, len(ds)), ccfg.frames_per_video, cfg.seed
         )
     loader = make_loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
-    step = contrastive_step(model, MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap))
-    return model, ds, loader, step, optim
+    loss_fn = MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap)
+    return model, ds, loader, lambda net: contrastive_step(net, loss_fn, ccfg.negatives), optim
 
 
 def pretrain(
@@ -205,28 +262,33 @@ def pretrain(
         StageResult with the encoder weights only (decoder / projection head stay in ``out_dir``).
     Raises:
         ValueError: unknown branch or no train frames.
+        DistributedStageError: a rank of a multi-process stage (``runtime.world_size``) failed.
     """
     if branch not in arms.PRETRAIN_BRANCHES:
         raise ValueError(
             f"unknown pretraining branch {branch!r}; expected one of {arms.PRETRAIN_BRANCHES}"
         )
+    if distributed.should_spawn(cfg.runtime.world_size):
+        args = (cfg, branch, site, out_dir, init_encoder, progress, name)
+        return _spawn(cfg, pretrain, args, out_dir, f"pretrain:{name or branch} at {site.name!r}")
     device = setup_device(cfg)
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if branch == arms.SIMMIM:
-        model, ds, loader, step, optim = _simmim_setup(cfg, site, gen)
+        model, ds, loader, make_step, optim = _simmim_setup(cfg, site, gen)
     else:
-        model, ds, loader, step, optim = _contrastive_setup(cfg, branch, site, gen)
+        model, ds, loader, make_step, optim = _contrastive_setup(cfg, branch, site, gen)
     if len(ds) == 0:
         raise ValueError(f"site {site.name!r} has no train frames to pretrain on")
     if init_encoder is not None:
         load_encoder(model, init_encoder)
+    step = make_step(_on_device(model, cfg, device))
     opt = make_optimizer(model.parameters(), optim)
     phase = f"pretrain:{name or branch}"
     res = fit(model, step, loader, opt, **fit_kwargs(cfg, optim, device, phase, out_dir, progress))
-    # the decoder / projection head stay at the site, never shipped
-    torch.save(model.state_dict(), out_dir / "model_local.pt")
+    if distributed.current().main:  # the decoder / projection head stay at the site, never shipped
+        torch.save(model.state_dict(), out_dir / "model_local.pt")
     return StageResult(encoder_state_dict(model.cpu()), res.metrics(), len(ds))
 
 
@@ -261,9 +323,13 @@ def finetune(
     Raises:
         EncoderMismatchError: ``encoder`` does not fit the model.
         ValueError: the site has no labeled train frames.
+        DistributedStageError: a rank of a multi-process stage (``runtime.world_size``) failed.
     """
     from common.data.datasets import SegDataset
 
+    if distributed.should_spawn(cfg.runtime.world_size):
+        args = (cfg, site, out_dir, encoder, arm, init_model, progress, branch)
+        return _spawn(cfg, finetune, args, out_dir, f"finetune:{arm} at {site.name!r}")
     device = setup_device(cfg)
     gen = seed_everything(cfg.seed)
     out_dir = Path(out_dir)
@@ -279,11 +345,14 @@ def finetune(
         model.load_state_dict(init_model)
     elif encoder is not None:
         load_encoder(model, encoder)
-    step = segmentation_step(model, DiceBCELoss())
+    net = _on_device(model, cfg, device)
+    step = segmentation_step(net, DiceBCELoss(batch_sum=distributed.all_reduce_sum))
     opt = make_optimizer(model.parameters(), optim, weight_decay=_weight_decay(cfg, arm, branch))
     val_loader = None
-    if val is not None:
-        val_loader = make_loader(val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False)
+    if val is not None:  # every rank validates the whole set, on its own copy of the weights
+        val_loader = make_loader(
+            val, optim.batch_size, cfg, gen, shuffle=False, drop_last=False, shard=False
+        )
     res = fit(
         model,
         step,
@@ -291,6 +360,7 @@ def finetune(
         opt,
         val_loader=val_loader,
         val_every=optim.val_every,
+        val_step=segmentation_step(model, DiceBCELoss()),
         **fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress),
     )
     metrics = res.metrics()
