@@ -20,7 +20,7 @@ import typer
 STAGES = ("simmim", "contrastive", "finetune", "inference", "fused")
 
 
-def _time(fn, warmup: int, iters: int, device) -> float:
+def median_seconds(fn, warmup: int, iters: int, device) -> float:
     """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` untimed ones."""
     import torch
 
@@ -78,7 +78,7 @@ class _Bench:
             loss.backward()
             opt.step()
 
-        return images / _time(one, self.warmup, self.iters, self.device)
+        return images / median_seconds(one, self.warmup, self.iters, self.device)
 
 
 def _simmim_rate(b: _Bench) -> dict[str, float]:
@@ -143,8 +143,8 @@ def _inference_rates(b: _Bench) -> dict[str, float]:
             p_c = torch.sigmoid(m_c(b.x).float())
         return fuse(p_g, p_c, "entropy")[0] >= 0.5
 
-    t_single = _time(single, b.warmup, b.iters, b.device)
-    t_fused = _time(fused, b.warmup, b.iters, b.device)
+    t_single = median_seconds(single, b.warmup, b.iters, b.device)
+    t_fused = median_seconds(fused, b.warmup, b.iters, b.device)
     return {
         "single_infer_frames_per_s": len(b.x) / t_single,
         "fused_infer_frames_per_s": len(b.x) / t_fused,
@@ -201,7 +201,9 @@ def _fused_rates(b: _Bench) -> dict[str, float]:
                 **{f"fused_{k}": (lambda sess=sess, feed=feed: sess.run(None, feed))
                    for k, sess in sessions.items()},
             }  # fmt: skip
-            seconds = {k: _time(fn, b.warmup, b.iters, b.device) for k, fn in timed.items()}
+            seconds = {
+                k: median_seconds(fn, b.warmup, b.iters, b.device) for k, fn in timed.items()
+            }
             for k, t in seconds.items():
                 out[f"b{n}_{k}_frames_per_s"] = n / t
                 if k != "single":
@@ -288,8 +290,12 @@ def run_bench(
 
 
 def bench_command(
-    config: Path = typer.Option(Path("configs/demo.yaml"), help="Experiment YAML (model size)."),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    config: Path | None = typer.Option(
+        None, help="Experiment YAML (model size); default configs/demo.yaml, paper for --suite gpu."
+    ),
+    device: str | None = typer.Option(
+        None, help="cpu | cuda | cuda:N; default cpu, cuda for --suite gpu."
+    ),
     batch: int = typer.Option(8, help="Images per step."),
     iters: int = typer.Option(5, help="Timed iterations (median reported)."),
     warmup: int = typer.Option(2, help="Untimed warm-up iterations."),
@@ -303,12 +309,38 @@ def bench_command(
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the figures as JSON here."
     ),
+    suite: str = typer.Option(
+        "", help="'gpu': the prepared GPU benchmark (simulations/bench_gpu.py) on one device."
+    ),
+    out: Path = typer.Option(
+        Path("bench-gpu.json"), help="--suite gpu: its JSON, kept up to date."
+    ),
+    budget_s: float = typer.Option(420.0, help="--suite gpu: seconds it may take in all."),
+    compile_stages: bool = typer.Option(
+        True,
+        "--compile/--no-compile",
+        help="--suite gpu: also time each stage under torch.compile.",
+    ),  # fmt: skip
 ) -> None:
     """Print training images/s per stage and fused-inference frames/s for CONFIG on DEVICE."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if suite:
+        if suite != "gpu":
+            raise typer.BadParameter(f"unknown suite {suite!r}; known: gpu", param_hint="--suite")
+        from simulations.bench_gpu import STAGES as STAGES_GPU
+        from simulations.bench_gpu import run_gpu_suite
+
+        try:
+            run_gpu_suite(str(config or "configs/paper.yaml"), device or "cuda", out, budget_s,
+                          iters, warmup, STAGES_GPU if compile_stages else ())  # fmt: skip
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--device") from None
+        typer.echo(f"wrote {out}")
+        return
+    config, device = config or Path("configs/demo.yaml"), device or "cpu"
     res = run_bench(
         str(config), device, batch, iters, warmup, bf16, channels_last, tuple(stages.split(",")),
         tuple(int(n) for n in fused_batches.split(",")),

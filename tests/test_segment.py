@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,9 @@ def test_export_onnx_holds_both_branches_and_the_fusion_and_reproduces_torch(stu
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "test frames of telemed" in res.output and "masks 100" in res.output
+    assert "test frames of telemed" in res.output
+    equal = re.search(r"masks ([0-9.]+)% equal", res.output)
+    assert equal and float(equal.group(1)) >= 99.9, res.output  # the documented bound
     record = json.loads((tmp_path / "fused.onnx.json").read_text())
     assert set(record["files"]) == {"fused.onnx", "fused.onnx.data"}  # ship and hash both
     for name, digest in record["files"].items():
