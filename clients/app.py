@@ -38,15 +38,21 @@ def query_site(msg: Message, context: Context) -> Message:
 
 @app.train(action(TRAIN_PRETRAIN))
 def train_pretrain(msg: Message, context: Context) -> Message:
-    res = jobs.pretrain(messages.unpack_request(msg.content), resolve_site(context))
-    reply = messages.pack_weights_reply(ENCODER, res.state, res.metrics, res.num_examples)
+    req = messages.unpack_request(msg.content)
+    res = jobs.pretrain(req, resolve_site(context))
+    reply = messages.pack_weights_reply(
+        ENCODER, res.state, res.metrics, res.num_examples, req.cfg.runtime.wire_dtype
+    )
     return Message(reply, reply_to=msg)
 
 
 @app.train(action(TRAIN_FINETUNE))
 def train_finetune(msg: Message, context: Context) -> Message:
-    res = jobs.finetune(messages.unpack_request(msg.content), resolve_site(context))
-    reply = messages.pack_weights_reply(MODEL, res.state, res.metrics, res.num_examples)
+    req = messages.unpack_request(msg.content)
+    res = jobs.finetune(req, resolve_site(context))
+    reply = messages.pack_weights_reply(
+        MODEL, res.state, res.metrics, res.num_examples, req.cfg.runtime.wire_dtype
+    )
     return Message(reply, reply_to=msg)
 
 

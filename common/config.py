@@ -271,6 +271,9 @@ class RuntimeConfig(_Frozen):
     # processes that train one model at a site (one GPU each on CUDA; gloo between CPU processes);
     # every batch_size is the global batch and must divide by it (common/distributed.py)
     world_size: int = Field(1, ge=1)
+    # the dtype float weights cross the network in: float16 halves the bytes (a tensor whose values
+    # do not fit float16 stays float32); the sites train and keep float32 either way
+    wire_dtype: Literal["float32", "float16"] = "float32"
 
 
 ARM_NAME = r"^[a-z][a-z0-9_.-]*$"

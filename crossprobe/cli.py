@@ -79,6 +79,11 @@ COMMANDS: dict[str, Command] = {
         "bench_signing_command",
         "What checking, hashing and signing one reply costs.",
     ),
+    "bench-memory": Command(
+        "simulations.bench_memory",
+        "bench_memory_command",
+        "Peak resident memory of every process of a simulate run.",
+    ),
     "bench-pipeline": Command(
         "simulations.pipeline",
         "pipeline_command",

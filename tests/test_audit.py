@@ -327,8 +327,8 @@ def _extra_record(monkeypatch):
 
     honest = messages.pack_weights_reply
 
-    def leaky(record, state, metrics, n):
-        rd = honest(record, state, metrics, n)
+    def leaky(record, state, metrics, n, wire_dtype="float32"):
+        rd = honest(record, state, metrics, n, wire_dtype)
         rd["frames"] = ArrayRecord({"f": _frame()})
         return rd
 

@@ -102,9 +102,20 @@ class StageRequest:
     local_models: list[str] = field(default_factory=list)  # evaluate: the site's own (adapted)
 
 
-def _arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+def on_the_wire(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` as it crosses: float tensors in float16 when ``dtype`` is "float16" (half the bytes),
+    unless a value would not fit float16's range; everything else unchanged."""
+    t = t.detach().cpu()
+    if dtype == "float16" and t.is_floating_point() and t.dtype != torch.float16:
+        half = t.half()
+        if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(t).all()):
+            return half
+    return t.contiguous()
+
+
+def _arrays(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
     # keep_input=False: no second copy of a large model; contiguous CPU tensors as ArrayRecord wants
-    sd = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    sd = {k: on_the_wire(v, dtype).contiguous() for k, v in state.items()}
     return ArrayRecord(sd, keep_input=False)
 
 
@@ -235,11 +246,17 @@ def _metric_record(metrics: Mapping[str, Any], num_examples: int | None = None) 
 
 
 def pack_weights_reply(
-    record: str, state: Mapping[str, torch.Tensor], metrics: Mapping[str, float], num_examples: int
+    record: str,
+    state: Mapping[str, torch.Tensor],
+    metrics: Mapping[str, float],
+    num_examples: int,
+    wire_dtype: str = "float32",
 ) -> RecordDict:
-    """Pretrain (record=ENCODER) or finetune (record=MODEL) reply. METRICS comes first because
-    Flower's ``aggregate_arrayrecords`` weights by the first MetricRecord."""
-    return RecordDict({METRICS: _metric_record(metrics, num_examples), record: _arrays(state)})
+    """Pretrain (record=ENCODER) or finetune (record=MODEL) reply, its float weights in
+    ``wire_dtype`` (``runtime.wire_dtype``). METRICS comes first because Flower's
+    ``aggregate_arrayrecords`` weights by the first MetricRecord."""
+    arrays = _arrays(state, wire_dtype)
+    return RecordDict({METRICS: _metric_record(metrics, num_examples), record: arrays})
 
 
 def pack_metrics_reply(metrics: Mapping[str, float], num_examples: int) -> RecordDict:

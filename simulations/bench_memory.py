@@ -1,0 +1,130 @@
+"""`crossprobe bench-memory`: peak resident memory of every process of a real `crossprobe simulate`
+run (the ServerApp, each ClientApp worker, Ray's own processes), sampled from /proc.
+
+For a big model the weight exchange, not training, can decide whether a site's machine copes: a
+state dict becomes an ArrayRecord, bytes on the wire, a ledger hash and a file, and each step may
+hold one more copy. Run it with ``configs/paper-memory.yaml`` (the paper model, a few frames, one
+step per stage) to see those copies at paper size; the figures are per process, in GiB, beside the
+model's fp32 size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+KINDS = (  # (what the report calls it, a piece of its command line), first match wins
+    ("clientapp", "ClientAppActor"),
+    ("ray", "ray/"),
+    ("ray", "raylet"),
+    ("ray", "gcs_server"),
+    ("simulate", "crossprobe"),
+)
+
+
+def _children(pid: int) -> set[int]:
+    """``pid`` and every process below it."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo += parents.get(p, [])
+    return found
+
+
+def _rss_gib(pid: int) -> tuple[float, str] | None:
+    """(resident GiB now, command line) of ``pid``; None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmd = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20, cmd
+    return None
+
+
+def kind_of(cmdline: str) -> str:
+    return next((kind for kind, part in KINDS if part in cmdline), "other")
+
+
+def measure(argv: list[str], every_s: float = 0.5, log=print) -> dict:
+    """Run ``argv``, sampling the resident memory of it and its descendants; returns the peak per
+    process (with its kind) and the peak of their sum."""
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    proc = subprocess.Popen(argv, env=env)
+    peaks: dict[int, dict] = {}
+    total_peak, t0 = 0.0, time.monotonic()
+    while proc.poll() is None:
+        total = 0.0
+        for pid in _children(proc.pid):
+            now = _rss_gib(pid)
+            if now is None:
+                continue
+            gib, cmd = now
+            total += gib
+            seen = peaks.setdefault(pid, {"kind": kind_of(cmd), "cmd": cmd[:120], "peak_gib": 0})
+            seen["peak_gib"] = max(seen["peak_gib"], gib)
+        total_peak = max(total_peak, total)
+        time.sleep(every_s)
+    by_kind: dict[str, float] = {}
+    for p in peaks.values():
+        by_kind[p["kind"]] = max(by_kind.get(p["kind"], 0.0), p["peak_gib"])
+    log(f"[bench-memory] exit {proc.returncode} after {time.monotonic() - t0:.0f} s; "
+        f"peak of all processes {total_peak:.2f} GiB")  # fmt: skip
+    return {
+        "exit_code": proc.returncode,
+        "seconds": time.monotonic() - t0,
+        "peak_all_gib": total_peak,
+        "peak_by_kind_gib": by_kind,
+        "processes": sorted(peaks.values(), key=lambda p: -p["peak_gib"]),
+    }
+
+
+def model_fp32_gib(config: Path) -> float:
+    """The fp32 size of the config's TransUNet's state dict, in GiB."""
+    from common.config import load_experiment
+    from common.models import build_transunet
+
+    net = build_transunet(load_experiment(config).model)
+    return sum(t.numel() * 4 for t in net.state_dict().values()) / 2**30
+
+
+def bench_memory_command(
+    config: Path = typer.Option(Path("configs/paper-memory.yaml"), help="Experiment YAML."),
+    run_dir: Path = typer.Option(Path("runs/bench-memory"), help="The simulate run folder."),
+    out: Path = typer.Option(Path("bench-memory.json"), help="Where the figures go (JSON)."),
+) -> None:
+    """Peak resident memory per process of `crossprobe simulate --fresh` on CONFIG."""
+    argv = [sys.executable, "-m", "crossprobe", "simulate", "--config", str(config),
+            "--run-dir", str(run_dir), "--fresh"]  # fmt: skip
+    res = {"config": str(config), "model_fp32_gib": model_fp32_gib(config), **measure(argv)}
+    out.write_text(json.dumps(res, indent=2))
+    for kind, gib in sorted(res["peak_by_kind_gib"].items()):
+        typer.echo(
+            f"{kind:12s} peak {gib:6.2f} GiB  ({gib / res['model_fp32_gib']:.1f}x the model)"
+        )
+    typer.echo(
+        f"{'all':12s} peak {res['peak_all_gib']:6.2f} GiB; model {res['model_fp32_gib']:.2f} GiB"
+    )
+    if res["exit_code"]:
+        raise typer.Exit(res["exit_code"])
