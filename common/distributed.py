@@ -146,12 +146,8 @@ def spawn(
             start_method="spawn",
         )
     except ProcessException as err:
-        rank = getattr(err, "error_index", "?")
-        trace = Path(f"{result}.rank{rank}.err")
-        said = trace.read_text().strip().splitlines() if trace.exists() else [str(err)]
-        raise DistributedStageError(
-            f"{what}: rank {rank} of {world_size} failed: {said[-1] if said else err}"
-        ) from None
+        rank, said = _first_cause(result, err, world_size)
+        raise DistributedStageError(f"{what}: rank {rank} of {world_size} failed: {said}") from None
     finally:
         for leftover in workdir.glob(f"{result.name}.rank*.err"):
             leftover.unlink()
@@ -159,6 +155,28 @@ def spawn(
         return torch.load(result, weights_only=False)
     finally:
         result.unlink(missing_ok=True)
+
+
+def _first_cause(result: Path, err: ProcessException, world: int) -> tuple[Any, str]:
+    """(rank, last line of its error) of the rank that failed first: a rank whose peer died
+    fails too, in a collective, and may be the one the parent saw exit first."""
+    said = {}
+    for r in range(world):
+        trace = Path(f"{result}.rank{r}.err")
+        if trace.exists():
+            lines = trace.read_text().strip().splitlines()
+            said[r] = lines[-1] if lines else "?"
+    own = {r: s for r, s in said.items() if not _lost_a_peer(s)}
+    for errors in (own, said):
+        if errors:
+            r = min(errors)
+            return r, errors[r]
+    return getattr(err, "error_index", "?"), str(err).strip().splitlines()[-1]
+
+
+def _lost_a_peer(line: str) -> bool:
+    """An error a collective raises when another rank went away (gloo, NCCL)."""
+    return any(s in line for s in ("gloo", "NCCL", "Connection closed by peer", "ProcessGroup"))
 
 
 # ------------------------------------------------------------------------------ batches

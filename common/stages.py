@@ -380,13 +380,23 @@ def _check_fusions(models: dict[str, Any], fusions) -> None:
 
 
 def load_models(
-    cfg: ExperimentConfig, models: dict[str, dict[str, torch.Tensor]], device: torch.device
+    cfg: ExperimentConfig,
+    models: dict[str, dict[str, torch.Tensor]],
+    device: torch.device,
+    share: bool = False,
 ) -> dict[str, torch.nn.Module]:
-    """A TransUNet in eval mode on ``device`` for each state dict (no checkpoint is read)."""
+    """A TransUNet in eval mode on ``device`` for each state dict (no checkpoint is read).
+
+    ``share``: a float32 state dict becomes the net's own tensors instead of being copied (no
+    second copy of big models; only for nets that are never trained, as they would change the
+    caller's tensors). Another dtype (a float16 wire) is always copied into float32.
+    """
     nets = {}
     for name, state in models.items():
         net = build_transunet(cfg.model.model_copy(update={"checkpoint": None}), num_classes=1)
-        net.load_state_dict(state)
+        own = net.state_dict()
+        same = all(state[k].dtype == v.dtype for k, v in own.items() if k in state)
+        net.load_state_dict(state, assign=share and same)
         net.to(device).eval()
         if cfg.runtime.channels_last:
             net.to(memory_format=torch.channels_last)
@@ -509,7 +519,7 @@ def evaluate(
         raise ValueError(f"site {site.name!r} has no labeled {split!r} frames to evaluate on")
     ds = SegDataset(site, split, cfg.model.img_size)
     _check_fusions(models, fusions)
-    nets = load_models(cfg, models, device)
+    nets = load_models(cfg, models, device, share=True)  # inference only
     shown_names = set(nets) | {arms.fusion_name(m, arms.MAIN_PAIR) for m in cfg.fusion.modes}
     tally, shown = _Tally(), None
     loader = DataLoader(

@@ -21,11 +21,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file
+
+from common.fl.weights_file import write_safetensors
 
 
 class RunDirError(RuntimeError):
@@ -121,16 +125,17 @@ class RunStore:
     def save_phase(
         self,
         phase: str,
-        weights: dict[str, dict[str, torch.Tensor]],
+        weights: Mapping[str, ArrayRecord],
         metrics: dict[str, Any],
         record: dict[str, Any],
     ) -> None:
-        """Write the phase's outputs, then (last) mark it completed in ``phases.json``."""
+        """Write the phase's outputs, then (last) mark it completed in ``phases.json``. The
+        weights are written from the bytes they arrived as (no tensor copies)."""
         d = self.phase_dir(phase)
         d.mkdir(parents=True, exist_ok=True)
-        for key, state in weights.items():
+        for key, arrays in weights.items():
             tmp = d / f".{key}.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            write_safetensors(tmp, arrays)
             os.replace(tmp, d / f"{key}.safetensors")
         atomic_write_json(d / "metrics.json", metrics)
         self.index["completed"] = [c for c in self.index["completed"] if c["phase"] != phase]

@@ -452,9 +452,7 @@ class Workflow:
 
     def _save_phase(self, phase: str, result: Any, has_weights: bool, inputs: str) -> None:
         plog = self.phase_logs[phase]
-        weights = (
-            {k: dict(v.to_torch_state_dict()) for k, v in result.items()} if has_weights else {}
-        )
+        weights = result if has_weights else {}
         metrics = {"sites": self.metrics.get(phase, {})}
         if not has_weights:
             metrics["result"] = result

@@ -20,7 +20,11 @@ from pathlib import Path
 import typer
 
 KINDS = (  # (what the report calls it, a piece of its command line), first match wins
-    ("clientapp", "ClientAppActor"),
+    ("clientapp", "ray/_private/workers"),  # a Ray worker runs the ClientApps in simulation
+    ("clientapp", "flwr-clientapp"),
+    ("serverapp", "flwr-simulation"),  # the ServerApp and the simulation's message relay
+    ("serverapp", "flwr-serverapp"),
+    ("superlink", "flower-superlink"),
     ("ray", "ray/"),
     ("ray", "raylet"),
     ("ray", "gcs_server"),
@@ -75,15 +79,19 @@ def measure(argv: list[str], every_s: float = 0.5, log=print) -> dict:
     peaks: dict[int, dict] = {}
     total_peak, t0 = 0.0, time.monotonic()
     while proc.poll() is None:
-        total = 0.0
+        total, t = 0.0, round(time.monotonic() - t0, 1)
         for pid in _children(proc.pid):
             now = _rss_gib(pid)
             if now is None:
                 continue
             gib, cmd = now
             total += gib
-            seen = peaks.setdefault(pid, {"kind": kind_of(cmd), "cmd": cmd[:120], "peak_gib": 0})
+            seen = peaks.setdefault(
+                pid, {"kind": kind_of(cmd), "cmd": cmd[:120], "peak_gib": 0, "timeline": []}
+            )
             seen["peak_gib"] = max(seen["peak_gib"], gib)
+            if gib > 0.5:  # when the big ones grow and shrink: (seconds, GiB)
+                seen["timeline"].append((t, round(gib, 2)))
         total_peak = max(total_peak, total)
         time.sleep(every_s)
     by_kind: dict[str, float] = {}

@@ -38,6 +38,8 @@ def bench_signing(config: Path, repeats: int = 3) -> dict:
     cfg = load_experiment(config)
     torch.manual_seed(0)
     state = build_transunet(cfg.model).state_dict()
+    parameters = sum(t.numel() for t in state.values())
+    # (the reply takes the tensors out of ``state``)
     reply = messages.pack_weights_reply(contract.MODEL, state, {"train_loss": 0.1}, 10)
     request = describe(messages.pack_request(cfg, "finetune", 1, arm="lower"))
     key = signing.load_private_key_from_bytes(signing.new_keypair()[0])
@@ -59,7 +61,7 @@ def bench_signing(config: Path, repeats: int = 3) -> dict:
     seconds = {name: _median_s(fn, repeats) for name, fn in steps.items()}
     return {
         "config": str(config),
-        "parameters": sum(t.numel() for t in state.values()),
+        "parameters": parameters,
         "reply_bytes": messages.record_bytes(reply),
         "seconds": seconds,
         "signature_vs_describe": (seconds["sign"] + seconds["verify"])

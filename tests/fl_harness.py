@@ -78,6 +78,8 @@ class InProcessGrid(Grid):
     log: list[Sent] = field(default_factory=list)
     pull_interval: float = 0.01  # seconds the server waits between pulls (Flower's grids: 3)
     names: dict[int, str] = field(default_factory=dict)  # the names node keys were registered as
+    # each request as it arrived (a site takes the weights out of the message it handles)
+    requests: dict[str, list[dict]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._run = Run.create_empty(RUN_ID)
@@ -135,6 +137,9 @@ class InProcessGrid(Grid):
 
     def _handle(self, msg: Message) -> Message:
         ctx = self.contexts[msg.metadata.dst_node_id]
+        from common.fl.describe import describe
+
+        self.requests[msg.metadata.message_id] = describe(msg.content) if msg.has_content() else []
         try:
             return self.client_app(msg, ctx)
         except Exception as ex:  # as the runtime does: an exception becomes an error reply
@@ -197,7 +202,7 @@ def sign_as_site(
         md,
         run_id=RUN_ID,
         site=str(site["name"]),
-        request=signing.digest(describe(request.content)),
+        request=signing.digest(grid.requests.get(md.message_id) or describe(request.content)),
         reply=signing.digest(describe(reply.content)),
     )
     key_file = Path(str(site["signing-key"]))

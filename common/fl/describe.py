@@ -27,8 +27,8 @@ def _json_scalar(v: Any) -> Any:
     return v
 
 
-def _npy_header(data: bytes) -> tuple[tuple[int, ...], str, int]:
-    """(shape, dtype, header length) of an ``.npy`` payload, without copying it."""
+def npy_header(data: bytes) -> tuple[tuple[int, ...], str, bool, int]:
+    """(shape, dtype, Fortran order, header length) of an ``.npy`` payload, without copying it."""
     fp = io.BytesIO(data)  # shares the bytes buffer (no copy until written)
     version = np.lib.format.read_magic(fp)
     read = (
@@ -36,8 +36,8 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], str, int]:
         if version == (1, 0)
         else np.lib.format.read_array_header_2_0
     )
-    shape, _fortran, dtype = read(fp)
-    return tuple(int(x) for x in shape), str(dtype), fp.tell()
+    shape, fortran, dtype = read(fp)
+    return tuple(int(x) for x in shape), str(dtype), bool(fortran), fp.tell()
 
 
 def _payload_problem(arr: Array, shape: list[int], dtype: str) -> tuple[str, int]:
@@ -45,7 +45,7 @@ def _payload_problem(arr: Array, shape: list[int], dtype: str) -> tuple[str, int
     if arr.stype != "numpy.ndarray":
         return f"stype {arr.stype!r} is not numpy.ndarray", 0
     try:
-        got_shape, got_dtype, header = _npy_header(arr.data)
+        got_shape, got_dtype, _, header = npy_header(arr.data)
     except Exception as err:  # noqa: BLE001 - whatever is wrong with it, it is not a parameter
         return f"not an .npy array ({type(err).__name__}: {err})", 0
     if list(got_shape) != shape or got_dtype != dtype:

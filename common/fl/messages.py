@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.config import unflatten_dict
 
 from common.config import ExperimentConfig, parse_experiment
@@ -120,7 +120,9 @@ def _arrays(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayR
 
 
 def _state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return dict(record.to_torch_state_dict())
+    # keep_input=False: each array leaves the record as it becomes a tensor, so a big model is
+    # never held twice (as the message's bytes and as tensors)
+    return dict(record.to_torch_state_dict(keep_input=False))
 
 
 _TABLE_KEYS = (K_NAMES, K_ROLES, K_DATA_DIRS, K_OUT_DIRS, K_CHECKPOINTS, K_SIGNING_KEYS)
@@ -189,7 +191,8 @@ def pack_request(
 
 
 def unpack_request(content: RecordDict) -> StageRequest:
-    """The site's view of a stage request: typed config, tensors, names."""
+    """The site's view of a stage request: typed config, tensors, names. The weights are taken
+    out of ``content`` (its array records are left empty)."""
     stage = content.config_records[STAGE]
     models = {
         name[len(MODEL_PREFIX) :]: _state(rec)
@@ -247,15 +250,20 @@ def _metric_record(metrics: Mapping[str, Any], num_examples: int | None = None) 
 
 def pack_weights_reply(
     record: str,
-    state: Mapping[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
     metrics: Mapping[str, float],
     num_examples: int,
     wire_dtype: str = "float32",
 ) -> RecordDict:
     """Pretrain (record=ENCODER) or finetune (record=MODEL) reply, its float weights in
     ``wire_dtype`` (``runtime.wire_dtype``). METRICS comes first because Flower's
-    ``aggregate_arrayrecords`` weights by the first MetricRecord."""
-    arrays = _arrays(state, wire_dtype)
+    ``aggregate_arrayrecords`` weights by the first MetricRecord.
+
+    ``state`` is consumed: each tensor leaves the dict as it is serialised, so the site never
+    holds the model twice (as tensors and as the reply's bytes)."""
+    arrays = ArrayRecord()
+    for k in list(state):
+        arrays[k] = Array.from_numpy_ndarray(on_the_wire(state.pop(k), wire_dtype).numpy())
     return RecordDict({METRICS: _metric_record(metrics, num_examples), record: arrays})
 
 
