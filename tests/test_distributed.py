@@ -58,7 +58,7 @@ def _contrastive_grads(negatives: str) -> dict:
     per_rank = [torch.zeros(1, dtype=torch.float64) for _ in range(r.world)]
     dist.all_gather(per_rank, loss.detach().reshape(1))
     return {
-        "loss": float(loss),
+        "loss": loss.item(),
         "per_rank": [float(x) for x in per_rank],
         "grads": {n: p.grad.clone() for n, p in net.named_parameters()},
     }
