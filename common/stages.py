@@ -118,28 +118,17 @@ def make_loader(
         "persistent_workers": workers > 0,
         "pin_memory": cfg.runtime.device.startswith("cuda"),
     }
-    rank = distributed.current() if shard else distributed.Rank()
-    if batch_sampler is not None:
-        gen = None  # the sampler draws its own batches
-    else:
+    if batch_sampler is None:
+        # the batches DataLoader(shuffle=...) draws; its generator also seeds the workers
         bs = min(batch_size, len(ds))
-        if rank.world == 1:
-            return DataLoader(
-                ds,
-                batch_size=bs,
-                shuffle=shuffle,
-                drop_last=drop_last and len(ds) > bs,
-                generator=gen,
-                **common,
-            )
-        # the batches DataLoader(shuffle=...) would draw; the generator also seeds its workers,
-        # as there, so it is drawn from in the same order
         order = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
         batch_sampler = BatchSampler(order, bs, drop_last=drop_last and len(ds) > bs)
-    if rank.world == 1:
-        return DataLoader(ds, batch_sampler=batch_sampler, **common)
-    shares = distributed.ShardedBatches(batch_sampler, rank)
-    return DataLoader(ds, batch_sampler=shares, generator=gen, **common)
+    else:
+        gen = None  # the sampler draws its own batches
+    rank = distributed.current()
+    if shard and rank.world > 1:
+        batch_sampler = distributed.ShardedBatches(batch_sampler, rank)
+    return DataLoader(ds, batch_sampler=batch_sampler, generator=gen, **common)
 
 
 def fit_kwargs(

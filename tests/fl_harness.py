@@ -253,6 +253,20 @@ def site_grid(client_app: ClientApp, exp, run_dir, sites_root, n: int = 2, **rc)
     return InProcessGrid(client_app, nodes, run_config)
 
 
+def materialise(cfg, folder: Path, name: str = "experiment") -> tuple[Path, Path]:
+    """Experiment ``cfg`` written to ``folder/<name>.yaml`` and each of its sites made under
+    ``folder/sites``: (experiment file, sites root) for :func:`site_grid`."""
+    from common.config import dump_experiment
+    from simulations.sites import ensure_site
+
+    exp = folder / f"{name}.yaml"
+    exp.write_text(dump_experiment(cfg))
+    sites_root = folder / "sites"
+    for site in cfg.sites:
+        ensure_site(site, cfg.model.img_size, sites_root, progress=False)
+    return exp, sites_root
+
+
 def simulated_keys(exp, run_dir) -> dict:
     """Each site of experiment ``exp`` gets its key pair in ``<run_dir>/keys``, as the simulator
     does (``common.fl.signing.ensure_site_keys``)."""

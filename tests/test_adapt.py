@@ -19,7 +19,7 @@ from clients.app import app as client_app
 from common import arms
 from common.adapt import NORMS, MeanTeacherPair, adapt, health, tent_parameters
 from common.bundle import load_bundle
-from common.config import SiteConfig, SynthConfig, dump_experiment, load_experiment
+from common.config import SiteConfig, SynthConfig, load_experiment
 from common.data.manifest import load_site
 from common.fl import contract, messages
 from common.fl.audit import audit_run
@@ -29,7 +29,7 @@ from common.models import build_transunet
 from common.stages import finetune
 from crossprobe.cli import app as crossprobe_cli
 from server.app import app as server_app
-from tests.fl_harness import run_server, site_grid
+from tests.fl_harness import materialise, run_server, site_grid
 
 STEPS = {f"{s}.optim.max_steps": 2 for s in ("simmim", "contrastive", "finetune", "adapt")}
 
@@ -170,18 +170,12 @@ def test_an_adapt_reply_carrying_weights_is_refused():
 def test_the_adapt_phase_scores_ours_adapt_at_the_target_keeps_it_there_and_audits_clean(
     tmp_path, tiny, flower_identity
 ):
-    from simulations.sites import ensure_site
-
     # two targets: each adapts to its own frames
     second = SiteConfig(name="telemed2", role="target", synth=SynthConfig(
         preset="target", patients=6, videos_per_patient=1, frames_per_video=8, seed=3))  # fmt: skip
     cfg = _with(tiny["cfg"], method="self-training")
     cfg = cfg.model_copy(update={"sites": (*cfg.sites, second)})
-    exp = tmp_path / "adapt.yaml"
-    exp.write_text(dump_experiment(cfg))
-    sites_root = tmp_path / "sites"
-    for site in cfg.sites:
-        ensure_site(site, cfg.model.img_size, sites_root, progress=False)
+    exp, sites_root = materialise(cfg, tmp_path, "adapt")
     run = tmp_path / "run"
     grid = site_grid(client_app, exp, run, sites_root, 3)
     run_server(server_app, grid)

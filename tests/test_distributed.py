@@ -15,13 +15,13 @@ from torch import nn
 
 from clients.app import app as client_app
 from common import distributed
-from common.config import ConfigError, dump_experiment, load_experiment
+from common.config import ConfigError, load_experiment
 from common.data.manifest import load_site
 from common.fl.audit import audit_run
 from common.losses import MTNXentLoss
 from common.stages import contrastive_step, finetune, pretrain
 from server.app import app as server_app
-from tests.fl_harness import run_server, site_grid
+from tests.fl_harness import materialise, run_server, site_grid
 
 TWO = {"runtime.world_size": 2}
 
@@ -189,7 +189,6 @@ def test_sharded_batches_are_the_one_process_batches_split_in_rank_order():
 def test_a_two_process_study_runs_through_the_federated_workflow_and_audits_clean(
     tmp_path, flower_identity, monkeypatch
 ):
-    from simulations.sites import ensure_site
 
     spawned = []
 
@@ -201,11 +200,7 @@ def test_a_two_process_study_runs_through_the_federated_workflow_and_audits_clea
     monkeypatch.setattr(distributed, "spawn", spy)
 
     cfg = load_experiment("configs/tiny.yaml", overrides=TWO)
-    exp = tmp_path / "two.yaml"
-    exp.write_text(dump_experiment(cfg))
-    sites_root = tmp_path / "sites"
-    for site in cfg.sites:
-        ensure_site(site, cfg.model.img_size, sites_root, progress=False)
+    exp, sites_root = materialise(cfg, tmp_path, "two")
     run = tmp_path / "run"
     run_server(server_app, site_grid(client_app, exp, run, sites_root))
     results = json.loads((run / "results.json").read_text())

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from clients.app import app as client_app
-from common.config import dump_experiment, load_experiment
+from common.config import load_experiment
 from common.fl import contract
 from common.fl.audit import audit_run
 from common.fl.messages import on_the_wire
 from server.app import app as server_app
-from tests.fl_harness import run_server, site_grid
+from tests.fl_harness import materialise, run_server, site_grid
 
 
 def test_float_tensors_go_as_float16_unless_a_value_does_not_fit():
@@ -30,13 +30,7 @@ def test_float_tensors_go_as_float16_unless_a_value_does_not_fit():
 
 def _run(tmp_path, wire_dtype: str):
     cfg = load_experiment("configs/tiny.yaml", overrides={"runtime.wire_dtype": wire_dtype})
-    exp = tmp_path / f"{wire_dtype}.yaml"
-    exp.write_text(dump_experiment(cfg))
-    from simulations.sites import ensure_site
-
-    sites_root = tmp_path / "sites"
-    for site in cfg.sites:
-        ensure_site(site, cfg.model.img_size, sites_root, progress=False)
+    exp, sites_root = materialise(cfg, tmp_path, wire_dtype)
     run = tmp_path / wire_dtype
     grid = site_grid(client_app, exp, run, sites_root)
     run_server(server_app, grid)

@@ -109,14 +109,17 @@ def on_the_wire(t: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "float16" and t.is_floating_point() and t.dtype != torch.float16:
         half = t.half()
         if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(t).all()):
-            return half
+            t = half
     return t.contiguous()
 
 
-def _arrays(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
-    # keep_input=False: no second copy of a large model; contiguous CPU tensors as ArrayRecord wants
-    sd = {k: on_the_wire(v, dtype).contiguous() for k, v in state.items()}
-    return ArrayRecord(sd, keep_input=False)
+def _arrays(state: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """The tensors of ``state`` as an ArrayRecord, taken out of ``state`` one by one as they are
+    serialised, so a caller that hands over its dict never holds a big model twice."""
+    arrays = ArrayRecord()
+    for k in list(state):
+        arrays[k] = Array.from_numpy_ndarray(on_the_wire(state.pop(k), dtype).numpy())
+    return arrays
 
 
 def _state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -181,12 +184,12 @@ def pack_request(
         }
     )
     rd = RecordDict({EXPERIMENT: flatten_experiment(cfg), STAGE: stage})
-    if encoder is not None:
-        rd[ENCODER] = encoder if isinstance(encoder, ArrayRecord) else _arrays(encoder)
+    if encoder is not None:  # the caller's dicts are copied, not emptied
+        rd[ENCODER] = encoder if isinstance(encoder, ArrayRecord) else _arrays(dict(encoder))
     if model is not None:
-        rd[MODEL] = model if isinstance(model, ArrayRecord) else _arrays(model)
+        rd[MODEL] = model if isinstance(model, ArrayRecord) else _arrays(dict(model))
     for name, m in (models or {}).items():
-        rd[MODEL_PREFIX + name] = m if isinstance(m, ArrayRecord) else _arrays(m)
+        rd[MODEL_PREFIX + name] = m if isinstance(m, ArrayRecord) else _arrays(dict(m))
     return rd
 
 
@@ -261,9 +264,7 @@ def pack_weights_reply(
 
     ``state`` is consumed: each tensor leaves the dict as it is serialised, so the site never
     holds the model twice (as tensors and as the reply's bytes)."""
-    arrays = ArrayRecord()
-    for k in list(state):
-        arrays[k] = Array.from_numpy_ndarray(on_the_wire(state.pop(k), wire_dtype).numpy())
+    arrays = _arrays(state, wire_dtype)
     return RecordDict({METRICS: _metric_record(metrics, num_examples), record: arrays})
 
 
