@@ -13,6 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import jobs
+from clients.memory import release_memory_after_job
 from clients.site import known_site, resolve_site, site_card
 from common.fl import messages
 from common.fl.contract import (
@@ -27,7 +28,7 @@ from common.fl.contract import (
 )
 from common.fl.guard import Guard
 
-app = ClientApp(mods=[Guard(known_site)])
+app = ClientApp(mods=[Guard(known_site), release_memory_after_job])
 
 
 @app.query(action(QUERY_SITE))

@@ -78,6 +78,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def backend_for(device: str) -> str:
+    """torch.distributed's backend for a device: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def _rank_main(
     rank: int,
     world: int,
@@ -88,7 +93,7 @@ def _rank_main(
     args: tuple,
     result: str,
 ) -> None:
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(rank)
     else:
@@ -136,6 +141,7 @@ def spawn(
         )
     workdir.mkdir(parents=True, exist_ok=True)
     result = workdir / f".rank0-result-{os.getpid()}.pt"
+    print(f"[{what}] {world_size} processes ({backend_for(device)})", flush=True)
     port = _free_port()
     try:
         mp.start_processes(

@@ -442,7 +442,14 @@ def write_history(result: FitResult, out_dir: Path, phase: str) -> None:
     """``history.json`` and a loss-curve picture ``loss.png`` (train, and validation if any)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "history.json").write_text(
-        json.dumps({"phase": phase, **result.metrics(), "history": result.history})
+        json.dumps(
+            {
+                "phase": phase,
+                "processes": distributed.current().world,  # runtime.world_size it ran with
+                **result.metrics(),
+                "history": result.history,
+            }
+        )
     )
     try:
         import matplotlib

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -527,7 +528,8 @@ class Workflow:
         try:
             self.discover()
             encoders = self._run_phase(PRETRAIN, self.pretrain, has_weights=True)
-            models = self._run_phase(FINETUNE, lambda: self.finetune(encoders), has_weights=True)
+            models = self._run_phase(FINETUNE, partial(self.finetune, encoders), has_weights=True)
+            del encoders  # in the run folder now; holding them through evaluation costs RAM
             if self.adapts:
                 self._run_phase(ADAPT, lambda: self.adapt(models), has_weights=False)
             evaluation = self._run_phase(EVALUATE, lambda: self.evaluate(models), has_weights=False)

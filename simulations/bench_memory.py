@@ -52,19 +52,31 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _rss_gib(pid: int) -> tuple[float, str] | None:
-    """(resident GiB now, command line) of ``pid``; None once it is gone."""
+_FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem"}
+
+
+def _memory_gib(pid: int) -> tuple[dict[str, float], str] | None:
+    """Resident memory of ``pid`` now, in GiB, and its command line; None once it is gone.
+
+    ``rss`` is what ``top`` shows; ``anon`` is its private heap (where copies of weights live);
+    ``shmem`` is shared memory it has touched (Ray's object store, counted again in every process
+    that maps it); ``pss`` shares each shared page among the processes that map it, so the ``pss``
+    of all processes adds up to the machine's memory in use."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         cmd = (
             Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         )
     except OSError:
         return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20, cmd
-    return None
+    out = {}
+    for line in status.splitlines() + rollup.splitlines():
+        key, _, value = line.partition(":")
+        name = _FIELDS.get(key) or ("pss" if key == "Pss" else None)
+        if name and value.strip().endswith("kB"):
+            out[name] = int(value.split()[0]) / 2**20
+    return (out, cmd) if "rss" in out else None
 
 
 def kind_of(cmdline: str) -> str:
@@ -81,24 +93,28 @@ def measure(argv: list[str], every_s: float = 0.5, log=print) -> dict:
     while proc.poll() is None:
         total, t = 0.0, round(time.monotonic() - t0, 1)
         for pid in _children(proc.pid):
-            now = _rss_gib(pid)
+            now = _memory_gib(pid)
             if now is None:
                 continue
             gib, cmd = now
-            total += gib
+            total += gib.get("pss", gib["rss"])
             seen = peaks.setdefault(
                 pid, {"kind": kind_of(cmd), "cmd": cmd[:120], "peak_gib": 0, "timeline": []}
             )
-            seen["peak_gib"] = max(seen["peak_gib"], gib)
-            if gib > 0.5:  # when the big ones grow and shrink: (seconds, GiB)
-                seen["timeline"].append((t, round(gib, 2)))
+            if gib["rss"] > seen["peak_gib"]:
+                seen.update(peak_gib=gib["rss"], at_peak={k: round(v, 3) for k, v in gib.items()})
+            if gib["rss"] > 0.5:  # when the big ones grow and shrink: (seconds, rss, anon, shmem)
+                seen["timeline"].append(
+                    (t, *(round(gib.get(k, 0.0), 2) for k in ("rss", "anon", "shmem")))
+                )
         total_peak = max(total_peak, total)
         time.sleep(every_s)
-    by_kind: dict[str, float] = {}
+    by_kind: dict[str, dict] = {}  # kind -> its biggest process at its peak
     for p in peaks.values():
-        by_kind[p["kind"]] = max(by_kind.get(p["kind"], 0.0), p["peak_gib"])
+        if p["peak_gib"] > by_kind.get(p["kind"], {}).get("rss", -1.0):
+            by_kind[p["kind"]] = p.get("at_peak", {"rss": p["peak_gib"]})
     log(f"[bench-memory] exit {proc.returncode} after {time.monotonic() - t0:.0f} s; "
-        f"peak of all processes {total_peak:.2f} GiB")  # fmt: skip
+        f"peak of all processes {total_peak:.2f} GiB (shared pages counted once)")  # fmt: skip
     return {
         "exit_code": proc.returncode,
         "seconds": time.monotonic() - t0,
@@ -127,9 +143,11 @@ def bench_memory_command(
             "--run-dir", str(run_dir), "--fresh"]  # fmt: skip
     res = {"config": str(config), "model_fp32_gib": model_fp32_gib(config), **measure(argv)}
     out.write_text(json.dumps(res, indent=2))
+    model = res["model_fp32_gib"]
     for kind, gib in sorted(res["peak_by_kind_gib"].items()):
         typer.echo(
-            f"{kind:12s} peak {gib:6.2f} GiB  ({gib / res['model_fp32_gib']:.1f}x the model)"
+            f"{kind:12s} peak {gib['rss']:6.2f} GiB ({gib['rss'] / model:4.1f}x the model): "
+            f"private {gib.get('anon', 0):5.2f}, shared {gib.get('shmem', 0):5.2f}"
         )
     typer.echo(
         f"{'all':12s} peak {res['peak_all_gib']:6.2f} GiB; model {res['model_fp32_gib']:.2f} GiB"

@@ -13,15 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clients.app import app as client_app
 from common import distributed
 from common.config import ConfigError, load_experiment
 from common.data.manifest import load_site
 from common.fl.audit import audit_run
 from common.losses import MTNXentLoss
 from common.stages import contrastive_step, finetune, pretrain
-from server.app import app as server_app
-from tests.fl_harness import materialise, run_server, site_grid
 
 TWO = {"runtime.world_size": 2}
 
@@ -186,28 +183,25 @@ def test_sharded_batches_are_the_one_process_batches_split_in_rank_order():
 
 
 # --------------------------------------------------------------------------- the workflow
-def test_a_two_process_study_runs_through_the_federated_workflow_and_audits_clean(
-    tmp_path, flower_identity, monkeypatch
-):
+@pytest.mark.slow
+def test_a_two_process_study_runs_through_flowers_simulation_and_audits_clean(tmp_path):
+    """`crossprobe simulate` with runtime.world_size 2: each training stage, inside its Ray
+    worker, starts two gloo ranks; the study completes and its ledgers audit clean."""
+    from simulations.simulate import run_simulation, started_processes
 
-    spawned = []
-
-    def spy(stage, args, **kw):
-        spawned.append((kw["what"], kw["world_size"]))
-        return spawn(stage, args, **kw)
-
-    spawn = distributed.spawn
-    monkeypatch.setattr(distributed, "spawn", spy)
-
-    cfg = load_experiment("configs/tiny.yaml", overrides=TWO)
-    exp, sites_root = materialise(cfg, tmp_path, "two")
+    config = tmp_path / "two.yaml"
+    config.write_text(f"base: {Path('configs/tiny.yaml').resolve()}\nname: two\n"
+                      "runtime: {world_size: 2}\n")  # fmt: skip
     run = tmp_path / "run"
-    run_server(server_app, site_grid(client_app, exp, run, sites_root))
-    results = json.loads((run / "results.json").read_text())
-    assert [p["phase"] for p in results["phases"]] == ["discover", "pretrain", "finetune",
-                                                       "evaluate"]  # fmt: skip
-    stages = sorted(what.split(" at ")[0] for what, world in spawned if world == 2)
-    assert stages == ["finetune:lower", "finetune:mtnxent", "finetune:simmim", "finetune:upper",
-                      "pretrain:contrastive", "pretrain:simmim"]  # fmt: skip
+    try:
+        summary = run_simulation(config, run, timeout=540)
+    finally:
+        leftover = started_processes(run / ".flwr")
+    assert summary["status"] == "finished:completed" and leftover == []
+    histories = sorted((run / "sites").glob("*/*-r1/history.json"))
+    stages = {h.parent.name: json.loads(h.read_text())["processes"] for h in histories}
+    assert stages == {name: 2 for name in (
+        "pretrain-simmim-r1", "pretrain-contrastive-r1", "finetune-simmim-r1",
+        "finetune-mtnxent-r1", "finetune-lower-r1", "finetune-upper-r1")}  # fmt: skip
     report = audit_run(run)
     assert report.ok, report.render()
