@@ -77,6 +77,13 @@ class MTNXentLoss(nn.Module):
         near[idx, (idx + b) % (2 * b)] = False  # the positive always stays
         return near
 
+    def denominator_terms(
+        self, video_ids: torch.Tensor, frame_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """(2B,) logits in each row's softmax: the positive and the negatives left in. With all
+        similarities equal the loss is the mean of their logs (``common/ssl_health.py``)."""
+        return (~self.exclusion_mask(video_ids, frame_indices)).sum(1)
+
     def forward(
         self,
         z_i: torch.Tensor,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from common import arms, distributed
+from common import arms, distributed, ssl_health
 from common.config import ExperimentConfig, SimMIMConfig
 from common.engine import Step, autocast, fit, make_optimizer, to_device
 from common.fusion import fuse
@@ -157,7 +157,8 @@ def simmim_step(model: SimMIMModel, scfg: SimMIMConfig, size: int, gen: torch.Ge
         x = batch["image"]
         mask = simmim_mask(x.shape[0], size, scfg.mask_patch_size, scfg.mask_ratio, gen, x.device)
         x_in = apply_mask(x, mask, scfg.noise_ratio, scfg.mask_patch_size, gen)
-        return {"loss": masked_l1(model(x_in).float(), x, mask)}
+        loss = masked_l1(model(x_in).float(), x, mask)
+        return {"loss": loss, **ssl_health.simmim_signals(x, mask)}
 
     return step
 
@@ -181,7 +182,9 @@ def contrastive_step(
         if negatives == "global":
             z_i, z_j = distributed.gather_with_grad(z_i), distributed.gather_with_grad(z_j)
             video, frame = distributed.gather(video), distributed.gather(frame)
-        return {"loss": loss_fn(z_i, z_j, video, frame)}
+        loss = loss_fn(z_i, z_j, video, frame)
+        terms = loss_fn.denominator_terms(video.to(z.device), frame.to(z.device))
+        return {"loss": loss, **ssl_health.contrastive_signals(z_i, z_j, terms)}
 
     return step
 
@@ -278,7 +281,9 @@ def pretrain(
     res = fit(model, step, loader, opt, **fit_kwargs(cfg, optim, device, phase, out_dir, progress))
     if distributed.current().main:  # the decoder / projection head stay at the site, never shipped
         torch.save(model.state_dict(), out_dir / "model_local.pt")
-    return StageResult(encoder_state_dict(model.cpu()), res.metrics(), len(ds))
+        ssl_health.plot_signals(res.history, out_dir, phase)
+    metrics = {**res.metrics(), **ssl_health.summary(res.history)}  # is SSL learning? label-free
+    return StageResult(encoder_state_dict(model.cpu()), metrics, len(ds))
 
 
 def _weight_decay(cfg: ExperimentConfig, arm: str, branch: str | None) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from common import arms
+from common import arms, ssl_health
 from common.config import ExperimentConfig
 from common.fl.contract import SOURCE, TARGET
 from common.metrics import SCORES, paired_wilcoxon
@@ -150,6 +150,7 @@ def build_results(
         "evaluation": evaluation,
         "phases": phases,
         "stage_metrics": stage_metrics,
+        "pretraining_health": pretraining_health(stage_metrics),
     }
 
 
@@ -288,6 +289,49 @@ def _adapt_section(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _number(m: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    return format(m[key], fmt) if key in m else "—"
+
+
+def pretraining_health(stage_metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per pretraining arm and target site, its last round's label-free signals and what they
+    say (``common/ssl_health.py``)."""
+    rows = []
+    for key, rounds in stage_metrics.get("pretrain", {}).items():
+        last = rounds[max(rounds, key=lambda r: int(r.split("-")[1]))] if rounds else {}
+        for site, m in last.items():
+            rows.append({"arm": key, "site": site, **m, "verdict": ssl_health.verdict(m)})
+    return rows
+
+
+def _pretraining_section(results: dict[str, Any]) -> list[str]:
+    """Is SSL learning? The loss against its collapse (contrastive) or predict-the-mean (SimMIM)
+    value and the embeddings' spread, from the batches each branch trained on; no label read."""
+    rows = [r for r in results.get("pretraining_health", []) if r["verdict"]]
+    if not rows:
+        return []
+    lines = [
+        "## Pretraining at the target: is it learning? (label-free)",
+        "",
+        "Loss ratio: the last steps' loss over its collapse value (contrastive: all similarities "
+        "equal) or over predicting each image's mean (SimMIM); below 1 is learning. Std × √d: 1 "
+        "= spread like a uniform sphere, 0 = collapsed. Rank: effective rank of the embeddings.",
+        "",
+        "| arm | site | steps | loss | loss ratio | std × √d | rank | alignment | uniformity "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [_number(r, k) for k in ("train_loss", ssl_health.LOSS_RATIO, "ssl_std")]
+        cells += [_number(r, "ssl_rank", ".1f"), _number(r, "ssl_alignment")]
+        cells += [_number(r, "ssl_uniformity")]
+        flag = r["verdict"] if r["verdict"] == "learning" else f"**{r['verdict']}**"
+        lines.append(
+            f"| {r['arm']} | {r['site']} | {r.get('steps', 0):.0f} | {' | '.join(cells)} | {flag} |"
+        )
+    return [*lines, ""]
+
+
 def _phase_section(phases: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Phases",
@@ -322,6 +366,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_role_section(results, TARGET, "Target test set"),
         *_role_section(results, SOURCE, "Source test set"),
         *_fusion_section(results.get("fusion_selection")),
+        *_pretraining_section(results),
         *_adapt_section(results),
         *_phase_section(results["phases"]),
         "",

@@ -153,6 +153,9 @@ TRAIN_METRIC_NAMES = frozenset(
         "labeled_val_frames",
         NUM_EXAMPLES,
     }
+    # pretraining's label-free signals (common/ssl_health.py; not imported: it needs torch)
+    | {f"ssl_{s}" for s in ("collapse_loss", "std", "rank", "alignment", "uniformity", "mean_l1")}
+    | {"ssl_loss_ratio"}
 )
 # the adapt phase: its budget and wall time, and label-free signals of the pair before and after
 ADAPT_METRIC_NAMES = frozenset(
