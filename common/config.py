@@ -176,6 +176,9 @@ class FinetuneConfig(_Frozen):
 
     weight_decay_contrastive: float = Field(0.1, ge=0)  # the paper's contrastive-branch decay
     augment: bool = False  # strong appearance augmentation (the source-only baseline's option)
+    # the encoder's learning rate is optim.lr times this when it starts pretrained (a pretraining
+    # branch or model.checkpoint); below 1 keeps more of what pretraining learnt (docs/method.md)
+    encoder_lr_scale: float = Field(1.0, gt=0, le=1)
     optim: OptimConfig = OptimConfig(
         optimizer="sgd", lr=2e-4, momentum=0.99, weight_decay=0.05, batch_size=512, epochs=200
     )

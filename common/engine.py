@@ -66,11 +66,21 @@ def to_device(
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], cfg: OptimConfig, weight_decay: float | None = None
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+    cfg: OptimConfig,
+    weight_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """The stage's optimiser from its config (``weight_decay`` overrides the config's)."""
+    """The stage's optimiser from its config (``weight_decay`` overrides the config's). ``params``
+    may be parameter groups, each with an ``lr_scale`` (its lr is ``cfg.lr`` times that)."""
     wd = cfg.weight_decay if weight_decay is None else weight_decay
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [
+            {"params": [p for p in g["params"] if p.requires_grad], "lr": cfg.lr * g["lr_scale"]}
+            for g in params
+        ]
+    else:
+        params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
     if cfg.optimizer == "adam":

@@ -286,13 +286,33 @@ def pretrain(
     return StageResult(encoder_state_dict(model.cpu()), metrics, len(ds))
 
 
+def _branch_of(arm: str, branch: str | None) -> str:
+    """The branch an arm's encoder came from ("" for none); ``None``: a built-in arm's."""
+    if branch is not None:
+        return branch
+    return next((b.name for b in arms.BRANCHES.values() if b.arm == arm), "")
+
+
 def _weight_decay(cfg: ExperimentConfig, arm: str, branch: str | None) -> float:
     """Arms fine-tuned from a contrastive encoder use ``finetune.weight_decay_contrastive``.
     ``branch`` None: the branch of a built-in arm (``mtnxent`` -> contrastive), else none."""
-    if branch is None:
-        branch = next((b.name for b in arms.BRANCHES.values() if b.arm == arm), "")
+    branch = _branch_of(arm, branch)
     contrastive = bool(branch) and arms.branch(branch).contrastive
     return cfg.finetune.weight_decay_contrastive if contrastive else cfg.finetune.optim.weight_decay
+
+
+def _parameter_groups(model: torch.nn.Module, cfg: ExperimentConfig, arm: str, branch):
+    """The encoder at ``finetune.encoder_lr_scale`` when it starts pretrained (from a pretraining
+    branch, or from ``model.checkpoint``), the rest at the full rate; one group otherwise."""
+    scale = cfg.finetune.encoder_lr_scale
+    branch = _branch_of(arm, branch)
+    pretrained = (bool(branch) and arms.branch(branch).pretrains) or bool(cfg.model.checkpoint)
+    if scale == 1 or not pretrained:
+        return model.parameters()
+    encoder = list(model.encoder.vit.parameters())
+    ids = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": encoder, "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
 
 
 def finetune(
@@ -341,7 +361,8 @@ def finetune(
         load_encoder(model, encoder)
     net = _on_device(model, cfg, device)
     step = segmentation_step(net, DiceBCELoss(batch_sum=distributed.all_reduce_sum))
-    opt = make_optimizer(model.parameters(), optim, weight_decay=_weight_decay(cfg, arm, branch))
+    groups = _parameter_groups(model, cfg, arm, branch)
+    opt = make_optimizer(groups, optim, weight_decay=_weight_decay(cfg, arm, branch))
     val_loader = None
     if val is not None:  # every rank validates the whole set, on its own copy of the weights
         val_loader = make_loader(

@@ -84,6 +84,11 @@ COMMANDS: dict[str, Command] = {
         "bench_memory_command",
         "Peak resident memory of every process of a simulate run.",
     ),
+    "encoder-drift": Command(
+        "simulations.encoder_drift",
+        "encoder_drift_command",
+        "How far fine-tuning moved each pretrained encoder (linear CKA on target frames).",
+    ),
     "bench-pipeline": Command(
         "simulations.pipeline",
         "pipeline_command",

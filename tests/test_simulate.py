@@ -53,6 +53,24 @@ def test_flwr_run_simulation_on_tiny_completes_and_cleans_up(tiny_run):
 
 
 @pytest.mark.slow
+def test_encoder_drift_compares_each_pretrained_encoder_with_its_fine_tuned_one(tiny_run):
+    from typer.testing import CliRunner
+
+    from crossprobe.cli import app
+
+    run_dir = tiny_run[0]
+    result = CliRunner().invoke(app, ["encoder-drift", str(run_dir), "--frames", "16"])
+    assert result.exit_code == 0, result.output
+    drift = json.loads((run_dir / "encoder_drift.json").read_text())
+    assert drift["site"] == "telemed" and set(drift["arms"]) == {"simmim", "mtnxent"}
+    for arm in drift["arms"].values():
+        assert 0 < arm["cka_finetuned"] <= 1 + 1e-9 and 0 < arm["cka_untrained"] <= 1 + 1e-9
+    assert (run_dir / "encoder_drift.png").stat().st_size > 5000
+    missing = CliRunner().invoke(app, ["encoder-drift", str(run_dir / "phases")])
+    assert missing.exit_code != 0 and "config.yaml" in missing.output
+
+
+@pytest.mark.slow
 def test_experiment_cli_runs_a_seed_with_variants_through_flower(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
