@@ -115,6 +115,9 @@ class OptimConfig(_Frozen):
     max_steps: int | None = Field(None, ge=1)
     warmup_steps: int = Field(0, ge=0)
     val_every: int = Field(0, ge=0)  # steps between validations; 0 = once per epoch
+    # 0: off. Else validation scores, and the stage keeps, an exponential moving average of the
+    # weights (decay ramped up as (1 + t) / (10 + t) early on), not the last step's weights
+    ema_decay: float = Field(0.0, ge=0, lt=1)
 
 
 class SimMIMConfig(_Frozen):

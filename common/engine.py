@@ -306,6 +306,36 @@ class _TrainState:
         )
 
 
+class _Ema:
+    """An exponential moving average of a model's float weights (parameters and buffers), updated
+    after every optimiser step. Its decay ramps up as (1 + t) / (10 + t), so the first steps do
+    not drag the average back to the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: t.detach().clone() for k, t in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, t in model.state_dict().items():
+            if t.is_floating_point():
+                self.shadow[k].mul_(d).add_(t.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(t)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The averaged weights in ``model`` for the duration (the training weights after)."""
+        training = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(training)
+
+
 class _Validation:
     """Validation during a fit: scores the current weights and keeps the best (lowest-loss) ones,
     in ``path`` (a safetensors file) when given, else as a copy in memory."""
@@ -326,10 +356,14 @@ class _Validation:
         self.best_step: int | None = None
         self.best_mem: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, state: _TrainState) -> None:
-        """Validate now (no-op without validation data): log the loss, keep the weights if best."""
+    def __call__(self, state: _TrainState, ema: _Ema | None = None) -> None:
+        """Validate now (no-op without validation data): log the loss, keep the weights if best.
+        With ``ema``, the averaged weights are the ones scored and kept."""
         if self.loader is None:
             return
+        if ema is not None:
+            with ema.applied(self.model):
+                return self(state)
         v = evaluate_loss(
             self.model, self.step, self.loader, self.device, self.bf16, self.channels_last
         )
@@ -364,7 +398,7 @@ def _train_epoch(
     loader: Iterable,
     state: _TrainState,
     train_on: Callable[[Mapping[str, Any]], None],
-    validate: _Validation,
+    validate: Callable[[_TrainState], None],
     val_every: int,
 ) -> None:
     """One pass over ``loader`` (stopping at the step budget); validate every ``val_every`` steps,
@@ -392,6 +426,7 @@ def fit(
     val_every: int = 0,
     val_step: Step | None = None,
     warmup_steps: int = 0,
+    ema_decay: float = 0.0,
     bf16: bool = False,
     channels_last: bool = False,
     phase: str = "train",
@@ -406,6 +441,8 @@ def fit(
         val_loader: optional; evaluated every ``val_every`` steps (0 = each epoch end) with
             ``val_step`` (default: ``step``) under ``no_grad``; the lowest-loss weights are
             restored at the end.
+        ema_decay: 0 = off; else an exponential moving average of the weights is what validation
+            scores and what the fit keeps (the average itself when there is no validation).
         out_dir: if given, ``history.json``, ``loss.png`` and the best checkpoint
             (``best.safetensors``) are written there, so nothing large is kept twice in memory.
     In a multi-process stage (common/distributed.py) every rank calls ``fit`` with its share of
@@ -424,15 +461,21 @@ def fit(
     state = _TrainState(total, epochs, Progress(phase, total, enabled=progress and main))
     out_dir = out_dir if main else None
     best_path = out_dir / "best.safetensors" if out_dir is not None else None
-    validate = _Validation(
+    validation = _Validation(
         model, val_step or step, val_loader, device, bf16, channels_last, best_path
     )
+    ema = _Ema(model, ema_decay) if ema_decay else None
 
     def train_on(batch: Mapping[str, Any]) -> None:
         batch = to_device(batch, device, channels_last)
         _set_warmup_lr(optimizer, base_lrs, state.steps, warmup_steps)
         out = _optimizer_step(step, optimizer, batch, device, bf16, phase, state.steps)
+        if ema is not None:
+            ema.update(model)
         state.log_step(out, batch)
+
+    def validate(state: _TrainState) -> None:
+        validation(state, ema)
 
     while state.steps < total:
         state.epoch += 1
@@ -441,8 +484,10 @@ def fit(
     if val_every and state.steps % val_every:
         validate(state)  # the final weights are a candidate too
     state.stop_clock()
-    validate.restore_best()
-    result = state.result(validate)
+    if ema is not None and validation.best_val is None:
+        model.load_state_dict(ema.shadow)  # no validation: the average is the result
+    validation.restore_best()
+    result = state.result(validation)
     if out_dir is not None:
         write_history(result, out_dir, phase)
     return result

@@ -151,3 +151,44 @@ def test_bf16_request_is_safe_on_any_cpu():
     )
     assert res.steps == 3 and math.isfinite(res.train_loss)
     assert isinstance(bf16_supported("cpu"), bool)
+
+
+def _line_fit(ema_decay: float, val: list | None = None, steps: int = 12):
+    """A 1-d least-squares fit by plain SGD, recording the weights after every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    x = torch.linspace(-1, 1, 8).view(-1, 1)
+    batch = {"x": x, "y": 3 * x + 1}
+    seen = []
+
+    def step(b):
+        loss = (model(b["x"]) - b["y"]).pow(2).mean()
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"loss": loss}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    res = fit(model, step, [batch] * steps, opt, max_steps=steps, val_loader=val, val_every=4,
+              ema_decay=ema_decay, progress=False)  # fmt: skip
+    return model, res, seen
+
+
+def test_ema_is_the_ramped_moving_average_of_the_weights_and_what_validation_scores():
+    model, _, _ = _line_fit(0.9)
+    plain_model, _, plain = _line_fit(0.0)  # the same training path: the average does not steer
+    # `plain` holds the weights each step started from, so the weights after step t are plain[t]
+    after = [*plain[1:], {k: v.detach() for k, v in plain_model.state_dict().items()}]
+    avg = {k: v.clone() for k, v in plain[0].items()}
+    for t, w in enumerate(after, start=1):  # the slow reference, from the definition
+        d = min(0.9, (1 + t) / (10 + t))
+        avg = {k: d * avg[k] + (1 - d) * w[k] for k in avg}
+    for k, v in model.state_dict().items():  # no validation: the average is the result
+        torch.testing.assert_close(v, avg[k], atol=1e-6, rtol=1e-6, msg=k)
+    # with validation: each logged validation loss is the loss of the averaged weights
+    x = torch.linspace(-1, 1, 8).view(-1, 1)
+    model, res, _ = _line_fit(0.9, val=[{"x": x, "y": 3 * x + 1}])
+    vals = [h["val_loss"] for h in res.history if "val_loss" in h]
+    assert len(vals) == 3 and res.best_val == min(vals)
+    final = float((model(x) - (3 * x + 1)).pow(2).mean())
+    assert final == pytest.approx(res.best_val, rel=1e-6)  # the kept weights are an average
+    _, plain_res, _ = _line_fit(0.0, val=[{"x": x, "y": 3 * x + 1}])
+    assert plain_res.best_val != pytest.approx(res.best_val, rel=1e-3)
