@@ -356,14 +356,10 @@ class _Validation:
         self.best_step: int | None = None
         self.best_mem: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, state: _TrainState, ema: _Ema | None = None) -> None:
-        """Validate now (no-op without validation data): log the loss, keep the weights if best.
-        With ``ema``, the averaged weights are the ones scored and kept."""
+    def __call__(self, state: _TrainState) -> None:
+        """Validate now (no-op without validation data): log the loss, keep the weights if best."""
         if self.loader is None:
             return
-        if ema is not None:
-            with ema.applied(self.model):
-                return self(state)
         v = evaluate_loss(
             self.model, self.step, self.loader, self.device, self.bf16, self.channels_last
         )
@@ -475,7 +471,9 @@ def fit(
         state.log_step(out, batch)
 
     def validate(state: _TrainState) -> None:
-        validation(state, ema)
+        # with weight averaging, the average is what is scored and kept
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            validation(state)
 
     while state.steps < total:
         state.epoch += 1

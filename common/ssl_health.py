@@ -63,18 +63,18 @@ def _contrastive_signals(z_i, z_j, denominator_terms) -> dict[str, float]:
     z = torch.cat([zi, zj])
     d = z.shape[1]
     singular = torch.linalg.svdvals(z - z.mean(0))
-    rank = 0.0  # all embeddings one point: no direction at all
-    if singular.sum() > 1e-8:
-        p = singular / singular.sum()
-        p = p[p > 0]
-        rank = float(torch.exp(-(p * p.log()).sum()))
-    return {
-        "ssl_collapse_loss": float(denominator_terms.double().log().mean()),
-        "ssl_std": float(z.std(dim=0).mean() * math.sqrt(d)),
-        "ssl_rank": rank,
-        "ssl_alignment": float((zi - zj).pow(2).sum(1).mean()),
-        "ssl_uniformity": float(torch.pdist(z).pow(2).mul(-2).exp().mean().log()),
-    }
+    p = singular / singular.sum().clamp_min(1e-300)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
+    # all embeddings one point (no singular mass): no direction at all
+    rank = torch.where(singular.sum() > 1e-8, entropy.exp(), torch.zeros_like(entropy))
+    values = torch.stack([  # one device-to-host copy for all of them (a sync on a GPU)
+        denominator_terms.to(z.device).double().log().mean(),
+        z.std(dim=0).mean() * math.sqrt(d),
+        rank,
+        (zi - zj).pow(2).sum(1).mean(),
+        torch.pdist(z).pow(2).mul(-2).exp().mean().log(),
+    ]).tolist()  # fmt: skip
+    return dict(zip(CONTRASTIVE_SIGNALS, values, strict=True))
 
 
 @torch.no_grad()
