@@ -222,14 +222,31 @@ def _plan_steps(
     return total, epochs
 
 
-def _set_warmup_lr(
-    optimizer: torch.optim.Optimizer, base_lrs: list[float], step_i: int, warmup_steps: int
-) -> None:
-    """Linear warm-up: during the first ``warmup_steps`` steps the learning rate of each parameter
-    group ramps up to its base rate (step ``step_i`` uses ``(step_i + 1) / warmup_steps`` of it)."""
+def scheduled_lr(
+    base_lr: float, step_i: int, total: int, warmup_steps: int = 0, schedule: str = "constant"
+) -> float:
+    """The learning rate of optimiser step ``step_i`` (0-based) of ``total``.
+
+    Linear warm-up over the first ``warmup_steps`` steps (step ``step_i`` uses
+    ``(step_i + 1) / warmup_steps`` of the base rate), then ``schedule``: ``constant``; ``poly``,
+    ``(1 - t / total) ** 0.9`` as the TransUNet authors' trainer decays it; or ``cosine``,
+    ``(1 + cos(pi t / total)) / 2``, where t counts steps after the warm-up.
+    """
     if warmup_steps and step_i < warmup_steps:
-        for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * (step_i + 1) / warmup_steps
+        return base_lr * (step_i + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    done = (step_i - warmup_steps) / max(1, total - warmup_steps)  # 0 right after the warm-up
+    if schedule == "poly":
+        return base_lr * (1.0 - done) ** 0.9
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"lr_schedule must be constant, poly or cosine (got {schedule!r})")
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lrs: Iterable[float]) -> None:
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
 
 
 def _optimizer_step(
@@ -422,6 +439,7 @@ def fit(
     val_every: int = 0,
     val_step: Step | None = None,
     warmup_steps: int = 0,
+    lr_schedule: str = "constant",
     ema_decay: float = 0.0,
     bf16: bool = False,
     channels_last: bool = False,
@@ -437,6 +455,7 @@ def fit(
         val_loader: optional; evaluated every ``val_every`` steps (0 = each epoch end) with
             ``val_step`` (default: ``step``) under ``no_grad``; the lowest-loss weights are
             restored at the end.
+        warmup_steps / lr_schedule: each parameter group's rate per step (``scheduled_lr``).
         ema_decay: 0 = off; else an exponential moving average of the weights is what validation
             scores and what the fit keeps (the average itself when there is no validation).
         out_dir: if given, ``history.json``, ``loss.png`` and the best checkpoint
@@ -464,7 +483,10 @@ def fit(
 
     def train_on(batch: Mapping[str, Any]) -> None:
         batch = to_device(batch, device, channels_last)
-        _set_warmup_lr(optimizer, base_lrs, state.steps, warmup_steps)
+        _set_lr(
+            optimizer,
+            (scheduled_lr(lr, state.steps, total, warmup_steps, lr_schedule) for lr in base_lrs),
+        )
         out = _optimizer_step(step, optimizer, batch, device, bf16, phase, state.steps)
         if ema is not None:
             ema.update(model)

@@ -139,6 +139,7 @@ def fit_kwargs(
         "epochs": optim.epochs,
         "max_steps": optim.max_steps,
         "warmup_steps": optim.warmup_steps,
+        "lr_schedule": optim.lr_schedule,
         "ema_decay": optim.ema_decay,
         "bf16": cfg.runtime.bf16,
         "channels_last": cfg.runtime.channels_last,

@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from common.config import DEFAULT_DIFFICULTY
-
 data_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -37,7 +35,9 @@ def synth(
     frames_per_video: Annotated[int, typer.Option(min=1)] = 40,
     size: Annotated[int, typer.Option(help="frame width in px (the model size)")] = 224,
     seed: int = 0,
-    difficulty: Annotated[float, typer.Option(min=0)] = DEFAULT_DIFFICULTY,
+    difficulty: Annotated[
+        float | None, typer.Option(min=0, help="default: the preset's (source 1.0, target 2.0)")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="experiment YAML; with --site")] = None,
     site: Annotated[str | None, typer.Option(help="site name in --config")] = None,
     workers: Annotated[int, typer.Option(min=1)] = 2,

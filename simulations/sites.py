@@ -36,7 +36,7 @@ from simulations.phantom.geometry import LABELS, sample_anatomy
 from simulations.phantom.render import VideoSpec, frame_shape, render_video
 
 GENERATOR = "crossprobe.phantom"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: no FFT wrap-around at the frame's edges; annotation_noise
 _IN_PROCESS_FRAMES = 400  # below this many frames, worker start-up costs more than it saves
 
 
@@ -56,6 +56,13 @@ def _labeled_every(role: str, split: str, synth: SynthConfig) -> int:
     if split == "train" and not synth.target_train_labels:
         return 0
     return synth.label_every
+
+
+def site_difficulty(synth: SynthConfig) -> float:
+    """How hard the site's frames are to read: its own ``difficulty``, else its preset's."""
+    if synth.difficulty is not None:
+        return synth.difficulty
+    return get_site_preset(synth.preset).difficulty
 
 
 def plan_site(site: SiteConfig, img_size: int) -> list[VideoJob]:
@@ -92,7 +99,8 @@ def plan_site(site: SiteConfig, img_size: int) -> list[VideoJob]:
                 n_frames=synth.frames_per_video,
                 img_size=size,
                 seed=(synth.seed, 3, pi, v),
-                difficulty=synth.difficulty,
+                difficulty=site_difficulty(synth),
+                annotation_noise=synth.annotation_noise,
                 band_mm=synth.band_mm if synth.mask == "band" else None,
             )
             split = splits[pid]
@@ -181,6 +189,7 @@ def _provenance(site: SiteConfig, img_size: int) -> dict[str, Any]:
         "seed": site.synth.seed,
         "img_size": int(site.synth.img_size or img_size),
         "synth": site.synth.model_dump(mode="json"),
+        "difficulty": site_difficulty(site.synth),  # the preset's when synth leaves it unset
     }
 
 

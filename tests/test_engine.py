@@ -192,3 +192,37 @@ def test_ema_is_the_ramped_moving_average_of_the_weights_and_what_validation_sco
     assert final == pytest.approx(res.best_val, rel=1e-6)  # the kept weights are an average
     _, plain_res, _ = _line_fit(0.0, val=[{"x": x, "y": 3 * x + 1}])
     assert plain_res.best_val != pytest.approx(res.best_val, rel=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "poly", "cosine"])
+def test_each_step_trains_at_the_scheduled_rate_of_every_group(schedule):
+    # the rates the optimiser really used, against the schedules written out from their definitions
+    total, warmup = 10, 3
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(
+        [{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.01}]
+    )
+    used = []
+
+    def step(b):
+        used.append([g["lr"] for g in opt.param_groups])
+        return {"loss": model(b["x"]).pow(2).mean()}
+
+    fit(model, step, [{"x": torch.ones(4, 2)}] * total, opt, max_steps=total,
+        warmup_steps=warmup, lr_schedule=schedule, progress=False)  # fmt: skip
+
+    def reference(base: float, i: int) -> float:
+        if i < warmup:
+            return base * (i + 1) / warmup
+        t, T = i - warmup, total - warmup
+        return {
+            "constant": base,
+            "poly": base * (1 - t / T) ** 0.9,
+            "cosine": base * (1 + math.cos(math.pi * t / T)) / 2,
+        }[schedule]
+
+    assert len(used) == total
+    for i, rates in enumerate(used):
+        assert rates == pytest.approx([reference(0.1, i), reference(0.01, i)], rel=1e-12), i
+    if schedule != "constant":  # a decaying rate ends on small steps
+        assert used[-1][0] < 0.1 * 0.2

@@ -21,7 +21,7 @@ from simulations.phantom.device import (
 )
 from simulations.phantom.geometry import physis_gap_mm, sample_anatomy, surface
 from simulations.phantom.render import VideoSpec, frame_shape, render_video
-from simulations.sites import ensure_site, synth_site
+from simulations.sites import ensure_site, plan_site, synth_site
 
 
 def _anat(view="dorsal", seed=0, **kw):
@@ -205,6 +205,43 @@ def test_calibration_probe_measures_the_lower_upper_gap(tmp_path):
     assert 0.0 <= row["lower"] <= 1.0 and 0.0 <= row["upper"] <= 1.0
     assert row["gap"] == pytest.approx(row["upper"] - row["lower"])
     assert res["difficulty"] == 0.5 and res["gap_sd"] is None
-    # the sites were rendered at the probed difficulty
-    meta = (tmp_path / "d0.5" / "data" / "telemed" / "dataset.yaml").read_text()
-    assert "difficulty: 0.5" in meta and "difficulty: 2.0" not in meta
+    assert 0.0 <= row["lower_in_domain"] <= 1.0 and res["noise_floor"] is None
+    # the target was rendered at the probed difficulty; the source keeps its preset's
+    data = tmp_path / "d0.5" / "data"
+    target = load_site(data / "telemed").meta["provenance"]
+    source = load_site(data / "lumify").meta["provenance"]
+    assert target["difficulty"] == 0.5 and source["difficulty"] == 1.0
+
+
+@pytest.mark.parametrize("device, operator", [("lumify", "expert"), ("telemed", "novice")])
+def test_frames_end_without_a_bright_line_at_the_bottom(device, operator):
+    # The PSF convolution is an FFT: without a zero margin it wrapped the bright near field into
+    # the last rows, a bright line over the zero padding below the frame, which is what a bone
+    # surface over its shadow looks like (lumify: last rows 58 against 30 just above them)
+    last, above = [], []
+    for seed in range(3):
+        f = _video(device, operator, n=2, size=96, seed=seed, difficulty=2.0).frames.astype(float)
+        last.append(f[:, -2:].mean())
+        above.append(f[:, -12:-4].mean())
+    assert np.mean(last) < np.mean(above) + 3.0, (last, above)
+
+
+def test_annotation_noise_moves_the_labels_and_never_the_image():
+    clean = _video("telemed", "novice", n=4, size=64, seed=3, difficulty=2.0, annotation_noise=0.0)
+    noisy = _video("telemed", "novice", n=4, size=64, seed=3, difficulty=2.0, annotation_noise=2.0)
+    assert np.array_equal(clean.frames, noisy.frames)
+    assert not np.array_equal(clean.labels, noisy.labels)
+    # how hard the frames are to read is the image's business
+    easy = _video("telemed", "novice", n=4, size=64, seed=3, difficulty=0.0, annotation_noise=0.0)
+    assert not np.array_equal(easy.frames, clean.frames)
+
+
+def test_the_source_is_scanned_by_an_expert_and_the_target_by_novices():
+    def difficulties(preset: str, **kw) -> set[float]:
+        return {j.spec.difficulty for j in plan_site(_site("target", preset, **kw), 64)}
+
+    assert get_site_preset("source").difficulty == 1.0
+    assert difficulties("source") == {1.0} and difficulties("target") == {2.0}
+    assert difficulties("target", difficulty=0.5) == {0.5}  # a site's own setting wins
+    ann = {j.spec.annotation_noise for j in plan_site(_site("target", "target"), 64)}
+    assert ann == {SynthConfig(preset="target").annotation_noise}

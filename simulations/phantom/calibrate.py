@@ -3,13 +3,16 @@
     python -m simulations.phantom.calibrate --config configs/experiments/tables.yaml \\
         --difficulty 1.0 2.0 --seeds 0 1
 
-For each phantom setting, every site of the experiment is rendered with that ``synth.difficulty``
-(and, with ``--target-device``, the target site with another device preset), then — in process, with
+For each phantom setting, the target site is rendered with that ``synth.difficulty`` (the source
+keeps its config's: the shift under study is the target's device and operator), every site with
+``--annotation-noise`` if given (and, with ``--target-preset``, the target site with another
+preset), then — in process, with
 the same stage functions the federated run uses — the lower bound is fine-tuned at the source, the
 upper bound at the target, and both are scored on the target's labeled test frames. The method does
 not enter: this measures the benchmark, so the phantom (not the method) is what gets tuned, and the
 default difficulty should leave a gap of at least 0.10 DSC, or there is no domain gap for the method
-to close. Writes ``calibration.json`` under ``--out``.
+to close. The lower bound is also scored on the source's test set (its in-domain DSC: how clean the
+source task is). Writes ``calibration.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from common.config import load_experiment
 
 
 def probe(
-    config: Path, difficulty: float, seeds: list[int], out: Path, target_preset: str | None = None
+    config: Path,
+    difficulty: float,
+    seeds: list[int],
+    out: Path,
+    target_preset: str | None = None,
+    annotation_noise: float | None = None,
 ) -> dict:
     """Lower and upper bound DSC on the target test set for one phantom setting, per seed."""
     from common import stages
@@ -36,11 +44,16 @@ def probe(
     cfg = load_experiment(config)
     sites = []
     for s in cfg.sites:
-        synth = s.synth.model_copy(update={"difficulty": difficulty})
-        if target_preset and s.role == "target":
-            synth = synth.model_copy(update={"preset": target_preset})
-        sites.append(s.model_copy(update={"synth": synth}))
+        update: dict = {}
+        if s.role == "target":
+            update["difficulty"] = difficulty
+            if target_preset:
+                update["preset"] = target_preset
+        if annotation_noise is not None:
+            update["annotation_noise"] = annotation_noise
+        sites.append(s.model_copy(update={"synth": s.synth.model_copy(update=update)}))
     tag = f"d{difficulty:g}" + (f"-{target_preset}" if target_preset else "")
+    tag += "" if annotation_noise is None else f"-a{annotation_noise:g}"
     root = out / tag
     data = {s.role: load_site(ensure_site(s, cfg.model.img_size, root / "data")) for s in sites}
     rows = []
@@ -55,28 +68,40 @@ def probe(
         )
         models = {arms.LOWER: lower.state, arms.UPPER: upper.state}
         ev = stages.evaluate(c, data["target"], root / f"s{seed}-eval", models, progress=False)
+        src = stages.evaluate(
+            c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: lower.state},
+            progress=False,
+        )  # fmt: skip
         rows.append(
             {
                 "seed": seed,
                 "lower": ev.metrics[f"{arms.LOWER}/dice"],
                 "upper": ev.metrics[f"{arms.UPPER}/dice"],
                 "gap": ev.metrics["upper/dice"] - ev.metrics["lower/dice"],
+                "lower_in_domain": src.metrics[f"{arms.LOWER}/dice"],
                 "seconds": round(time.monotonic() - t0, 1),
             }
         )
         print(
             f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f} "
-            f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f}",
+            f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f} "
+            f"(lower on the source test set {rows[-1]['lower_in_domain']:.4f})",
             flush=True,
         )
     gaps = [r["gap"] for r in rows]
     return {
         "difficulty": difficulty,
         "target_preset": target_preset,
+        "annotation_noise": annotation_noise,
         "rows": rows,
         "gap_mean": float(np.mean(gaps)),
-        "gap_sd": float(np.std(gaps, ddof=1)) if len(gaps) > 1 else None,
+        "gap_sd": _sd(gaps),
+        "noise_floor": _sd([r["lower"] for r in rows]),  # the lower bound's sd over the seeds
     }
+
+
+def _sd(values: list[float]) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def main() -> None:  # pragma: no cover - a measurement script
@@ -88,15 +113,26 @@ def main() -> None:  # pragma: no cover - a measurement script
     ap.add_argument(
         "--target-preset", default=None, help="another synth preset for the target site"
     )
+    ap.add_argument(
+        "--annotation-noise", type=float, default=None,
+        help="every site's synth.annotation_noise (default: the config's)",
+    )  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", type=Path, default=Path("runs/calibration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    results = [probe(a.config, d, a.seeds, a.out, a.target_preset) for d in a.difficulty]
+    results = [
+        probe(a.config, d, a.seeds, a.out, a.target_preset, a.annotation_noise)
+        for d in a.difficulty
+    ]
     (a.out / "calibration.json").write_text(json.dumps(results, indent=1) + "\n")
     for r in results:
         sd = "" if r["gap_sd"] is None else f" ± {r['gap_sd']:.4f}"
-        print(f"difficulty {r['difficulty']:g}: lower→upper gap {r['gap_mean']:.4f}{sd} DSC")
+        floor = "" if r["noise_floor"] is None else f", noise floor {r['noise_floor']:.4f}"
+        print(
+            f"target difficulty {r['difficulty']:g}: lower→upper gap {r['gap_mean']:.4f}{sd} "
+            f"DSC{floor}"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ from simulations.sites import plan_site, synth_site
 
 
 def _site(
-    role: str, seed: int, patients: int, vpp: int, frames: int, difficulty: float
+    role: str, seed: int, patients: int, vpp: int, frames: int, difficulty: float | None
 ) -> SiteConfig:
     return SiteConfig(
         name=f"measure_{role}",
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--difficulty", type=float, default=1.0)
+    ap.add_argument("--difficulty", type=float, default=None, help="default: the presets'")
     ap.add_argument("--montage", type=Path, default=Path("/tmp/phantom_montage.png"))
     a = ap.parse_args(argv)
 

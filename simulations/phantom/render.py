@@ -5,8 +5,8 @@ with angle dependence, acoustic shadow and reverberation under bone, one forward
 inverse ones (PSF at focus and far, blended by depth, plus side-lobe haze), attenuation residual,
 downsample, electronic noise growing with depth, log compression over the dynamic range, γ, then
 the device's post-processing (speckle reduction + unsharp, or persistence + JPEG). Masks are exact
-from the geometry (a band below the surface, or everything below it), with annotator noise that
-grows with ``difficulty``.
+from the geometry (a band below the surface, or everything below it), with the annotator's noise
+(``annotation_noise``), which is independent of how hard the frames are to read (``difficulty``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from simulations.phantom.geometry import Anatomy, fill_gaps, surface
 OVERSAMPLE = 2
 SPECKLE_SLICE_MM = 0.25  # elevation spacing of the seeded complex speckle slices
 TOP_DB = 18.0  # display top (white) relative to the mean echo of unit-echogenicity tissue
+HAZE_SIGMA_MM = (1.2, 2.5)  # (axial, lateral) σ of the side-lobe haze, the widest PSF
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class VideoSpec:
     n_frames: int
     img_size: int  # output width in px; height follows the device's aspect ratio
     seed: int | tuple[int, ...]
-    difficulty: float = 1.0  # the sites' default is common.config.DEFAULT_DIFFICULTY
+    difficulty: float = 1.0  # the sites' default is their preset's
+    annotation_noise: float = 1.0  # the sites' default is common.config.DEFAULT_ANNOTATION_NOISE
     band_mm: float | None = 2.0  # None: label everything below the surface ("full")
 
 
@@ -136,6 +138,8 @@ class _Grid:
     py: float  # output pixel height (mm)
     nz: int  # simulation rows
     nx: int  # simulation columns
+    fz: int  # FFT rows: nz plus a zero margin, so the PSF does not wrap the top into the bottom
+    fx: int  # FFT columns: nx plus a zero margin (likewise left and right)
     ds: float  # simulation pixel width (mm); the lateral grid is square in ds
     dz: float  # simulation pixel height (mm)
     zc: np.ndarray  # (nz, 1) float32 depth of the simulation rows
@@ -152,7 +156,12 @@ def _grid(dev: DevicePreset, img_size: int) -> _Grid:
     dz = py / OVERSAMPLE
     zc = ((np.arange(nz) + 0.5) * dz).astype(np.float32)[:, None]  # (nz, 1) depth of sim rows
     zo = ((np.arange(H) + 0.5) * py)[:, None]  # output row depths
-    return _Grid(H, W, px, py, nz, nx, ds, dz, zc, zo)
+    # The beamforming convolution is done by FFT, which is circular: without a margin the widest
+    # PSF (the haze) would fold the bright near field into the last rows, and draw a bright line
+    # along the bottom of every frame that looks like a bone surface over the padding below it.
+    fz = sfft.next_fast_len(nz + int(np.ceil(3 * HAZE_SIGMA_MM[0] / ds)))  # the PSFs use ds
+    fx = sfft.next_fast_len(nx + int(np.ceil(3 * HAZE_SIGMA_MM[1] / ds)))
+    return _Grid(H, W, px, py, nz, nx, fz, fx, ds, dz, zc, zo)
 
 
 @dataclass(frozen=True)
@@ -225,10 +234,10 @@ def _draw_contact_loss(
     return contact, contact_side
 
 
-def _draw_annotator_style(rng: np.random.Generator, d: float) -> tuple[float, float]:
-    """(band thickness scale, depth offset in mm) of this video's annotator (difficulty ``d``)."""
-    band_scale = float(np.clip(1 + rng.normal(0, 0.12 * d), 0.6, 1.5))
-    ann_off = float(rng.normal(0, 0.08 * d))
+def _draw_annotator_style(rng: np.random.Generator, noise: float) -> tuple[float, float]:
+    """(band thickness scale, depth offset in mm) of this video's annotator (noise ``noise``)."""
+    band_scale = float(np.clip(1 + rng.normal(0, 0.12 * noise), 0.6, 1.5))
+    ann_off = float(rng.normal(0, 0.08 * noise))
     return band_scale, ann_off
 
 
@@ -262,9 +271,9 @@ def _psf_transfer_functions(dev: DevicePreset, g: _Grid) -> list[np.ndarray]:
     """PSFs at the focus and far, each with side-lobe haze, normalised to unit speckle power."""
     tfs = []
     for sx in (dev.psf_lat_focus_mm, dev.psf_lat_far_mm):
-        tf = _gauss_tf(g.nz, g.nx, g.ds, dev.psf_axial_mm * g.dz / g.ds, sx)
+        tf = _gauss_tf(g.fz, g.fx, g.ds, dev.psf_axial_mm * g.dz / g.ds, sx)
         tf = tf / np.sqrt(np.mean(tf**2))
-        wide = _gauss_tf(g.nz, g.nx, g.ds, 1.2, 2.5)
+        wide = _gauss_tf(g.fz, g.fx, g.ds, *HAZE_SIGMA_MM)
         wide = wide / np.sqrt(np.mean(wide**2))
         tfs.append(((1 - dev.haze) * tf + dev.haze * wide).astype(np.complex64))
     return tfs
@@ -382,11 +391,12 @@ def _lose_contact(
 
 
 def _beamform(field_: np.ndarray, optics: _Optics, g: _Grid) -> np.ndarray:
-    """(H, W) echo intensity: one forward FFT, the two PSFs blended by depth, attenuation
-    residual, envelope squared and downsampled to the output grid."""
-    F = sfft.fft2(field_, workers=1)
+    """(H, W) echo intensity: one forward FFT (zero-padded to the FFT grid), the two PSFs blended
+    by depth, attenuation residual, envelope squared and downsampled to the output grid."""
+    F = sfft.fft2(field_, s=(g.fz, g.fx), workers=1)
     tfs, wfar = optics.tfs, optics.wfar
-    env = np.abs((1 - wfar) * sfft.ifft2(F * tfs[0]) + wfar * sfft.ifft2(F * tfs[1]))
+    near, far = (sfft.ifft2(F * tf, workers=1)[: g.nz, : g.nx] for tf in tfs)
+    env = np.abs((1 - wfar) * near + wfar * far)
     inten = (env * optics.att) ** 2
     return inten.reshape(g.H, OVERSAMPLE, g.W, OVERSAMPLE).mean((1, 3))
 
@@ -431,7 +441,7 @@ def _annotate(
     xo_rel: np.ndarray,
     sweep: _Sweep,
     t: int,
-    d: float,
+    noise: float,
     style: tuple[float, float],
     band_mm: float | None,
 ) -> np.ndarray:
@@ -440,7 +450,7 @@ def _annotate(
     everything below the surface (None), and nothing where contact was lost."""
     band_scale, ann_off = style
     zso, labo = surface(a, xo_rel + sweep.xo[t], sweep.ys[t])
-    wig = _smooth_series(rng, g.W, 0.06 * d, 6) if d > 0 else 0.0
+    wig = _smooth_series(rng, g.W, 0.06 * noise, 6) if noise > 0 else 0.0
     zso = zso + ann_off + wig
     lo = zso[None, :]
     inside = g.zo >= lo
@@ -459,17 +469,19 @@ def _annotate(
 def render_video(spec: VideoSpec) -> RenderedVideo:
     """Render ``spec.n_frames`` frames and label maps of one sweep (deterministic in its seed).
 
-    The random draws come in a fixed order from one generator: device settings, sweep, annotator
-    style, tissue heterogeneity, then per frame the electronic noise and the annotation wiggle.
+    The image's random draws come in a fixed order from one generator: device settings, sweep,
+    tissue heterogeneity, then per frame the electronic noise. The annotator (style, then per frame
+    the boundary wiggle) draws from a second one, so annotation noise never changes the image.
     """
     a, dev, op, d = spec.anatomy, spec.device, spec.operator, spec.difficulty
     seed = tuple(spec.seed) if isinstance(spec.seed, tuple | list) else (int(spec.seed),)
     rng = np.random.default_rng(np.random.SeedSequence([*seed, 1]))
+    annotator = np.random.default_rng(np.random.SeedSequence([*seed, 2]))
     T = spec.n_frames
     g = _grid(dev, spec.img_size)
     settings = _draw_settings(rng, dev)
     sweep = _draw_sweep(rng, a, op, d, T)
-    style = _draw_annotator_style(rng, d)
+    style = _draw_annotator_style(annotator, spec.annotation_noise)
     speck, het, x_lo = _tissue_maps(rng, seed, op, g)
     optics = _optics(dev, g, settings)
 
@@ -492,7 +504,9 @@ def render_video(spec: VideoSpec) -> RenderedVideo:
         noise = optics.noise_amp**2 * rng.exponential(1.0, (g.H, g.W))
         img = _log_compress(inten, noise, settings, dev.gamma)
         prev, frames[t] = _post_process(img, prev, dev)
-        labels[t] = _annotate(rng, a, g, xo_rel, sweep, t, d, style, spec.band_mm)
+        labels[t] = _annotate(
+            annotator, a, g, xo_rel, sweep, t, spec.annotation_noise, style, spec.band_mm
+        )
 
     return RenderedVideo(
         frames=frames,
