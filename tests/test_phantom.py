@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import SiteConfig, SynthConfig
 from common.data.manifest import load_site
@@ -206,6 +207,8 @@ def test_calibration_probe_measures_the_lower_upper_gap(tmp_path):
     assert row["gap"] == pytest.approx(row["upper"] - row["lower"])
     assert res["difficulty"] == 0.5 and res["gap_sd"] is None
     assert 0.0 <= row["lower_in_domain"] <= 1.0 and res["noise_floor"] is None
+    assert 0.0 <= row["lower_edge"] <= 1.0 and 0.0 <= row["upper_edge"] <= 1.0
+    assert res["noise_floor_from_videos"] is None  # one seed: no spread to split
     # the target was rendered at the probed difficulty; the source keeps its preset's
     data = tmp_path / "d0.5" / "data"
     target = load_site(data / "telemed").meta["provenance"]
@@ -245,3 +248,48 @@ def test_the_source_is_scanned_by_an_expert_and_the_target_by_novices():
     assert difficulties("target", difficulty=0.5) == {0.5}  # a site's own setting wins
     ann = {j.spec.annotation_noise for j in plan_site(_site("target", "target"), 64)}
     assert ann == {SynthConfig(preset="target").annotation_noise}
+
+
+def test_interaction_floor_separates_a_whole_model_shift_from_per_video_luck():
+    from simulations.phantom.calibrate import interaction_floor
+
+    rng = np.random.default_rng(0)
+    seed_shift, video_level = rng.normal(0, 0.05, (3, 1)), rng.uniform(0.3, 0.9, (1, 40))
+    assert interaction_floor(seed_shift + video_level) == pytest.approx(0.0, abs=1e-12)
+    luck = rng.normal(0, 0.1, (3, 40))
+    v = seed_shift + video_level + luck
+    # the slow reference: per video, the seeds' spread around the seed and video means
+    m = v.mean()
+    resid = [[v[s, j] - v[s].mean() - v[:, j].mean() + m for j in range(40)] for s in range(3)]
+    per_video_var = [sum(resid[s][j] ** 2 for s in range(3)) / 2 for j in range(40)]
+    assert interaction_floor(v) == pytest.approx(np.sqrt(np.mean(per_video_var) / 40))
+    assert interaction_floor(v[:1]) is None
+
+
+def test_padding_edge_share_counts_frames_with_bone_along_the_padding(tmp_path: Path):
+    from common.data.datasets import SegDataset
+    from simulations.phantom.edge import edge_band, padding_edge_share
+
+    band = edge_band(48, 64, 64, 3)  # a wide frame: padding below it only
+    assert band.sum() == 3 * 64 and band[45:48].all() and not band[:45].any()
+    assert not band[48:].any()  # the padding itself is not the band
+    site = synth_site(_site("target", "target"), 64, tmp_path / "t", progress=False)
+    ds = SegDataset(site, "test", 64)
+
+    def const(logit: float):
+        return lambda x: torch.full((len(x), 1, 64, 64), logit)
+
+    def bone_at(rows: slice):
+        def net(x):
+            out = torch.full((len(x), 1, 64, 64), -10.0)
+            out[:, :, rows] = 10.0
+            return out
+
+        return net
+
+    assert padding_edge_share(const(10.0), ds) == 1.0
+    assert padding_edge_share(const(-10.0), ds) == 0.0
+    assert padding_edge_share(bone_at(slice(0, 10)), ds) == 0.0  # bone near the skin line
+    h = frame_shape(TELEMED, 64)[0]  # frames are 64 px wide: the model input is the frame + padding
+    assert padding_edge_share(bone_at(slice(h - 3, h)), ds) == 1.0  # the last rows of the frame
+    assert padding_edge_share(bone_at(slice(h, 64)), ds) == 0.0  # the padding itself

@@ -37,8 +37,12 @@ def probe(
     annotation_noise: float | None = None,
 ) -> dict:
     """Lower and upper bound DSC on the target test set for one phantom setting, per seed."""
+    import torch
+
     from common import stages
+    from common.data.datasets import SegDataset
     from common.data.manifest import load_site
+    from simulations.phantom.edge import padding_edge_share
     from simulations.sites import ensure_site
 
     cfg = load_experiment(config)
@@ -56,7 +60,8 @@ def probe(
     tag += "" if annotation_noise is None else f"-a{annotation_noise:g}"
     root = out / tag
     data = {s.role: load_site(ensure_site(s, cfg.model.img_size, root / "data")) for s in sites}
-    rows = []
+    target_test = SegDataset(data["target"], "test", cfg.model.img_size)
+    rows, lower_per_video = [], []
     for seed in seeds:
         c = cfg.model_copy(update={"seed": seed})
         t0 = time.monotonic()
@@ -72,6 +77,8 @@ def probe(
             c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: lower.state},
             progress=False,
         )  # fmt: skip
+        nets = stages.load_models(c, models, torch.device("cpu"), share=True)
+        lower_per_video.append(ev.per_video[f"{arms.LOWER}/dice"])
         rows.append(
             {
                 "seed": seed,
@@ -79,13 +86,18 @@ def probe(
                 "upper": ev.metrics[f"{arms.UPPER}/dice"],
                 "gap": ev.metrics["upper/dice"] - ev.metrics["lower/dice"],
                 "lower_in_domain": src.metrics[f"{arms.LOWER}/dice"],
+                # share of target test frames with bone drawn along the zero padding's edge
+                "lower_edge": padding_edge_share(nets[arms.LOWER], target_test),
+                "upper_edge": padding_edge_share(nets[arms.UPPER], target_test),
                 "seconds": round(time.monotonic() - t0, 1),
             }
         )
         print(
             f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f} "
             f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f} "
-            f"(lower on the source test set {rows[-1]['lower_in_domain']:.4f})",
+            f"(lower on the source test set {rows[-1]['lower_in_domain']:.4f}; bone along the "
+            f"padding edge: lower {rows[-1]['lower_edge']:.1%}, upper {rows[-1]['upper_edge']:.1%} "
+            "of the target test frames)",
             flush=True,
         )
     gaps = [r["gap"] for r in rows]
@@ -97,7 +109,22 @@ def probe(
         "gap_mean": float(np.mean(gaps)),
         "gap_sd": _sd(gaps),
         "noise_floor": _sd([r["lower"] for r in rows]),  # the lower bound's sd over the seeds
+        "noise_floor_from_videos": interaction_floor(np.array(lower_per_video)),
     }
+
+
+def interaction_floor(per_video: np.ndarray) -> float | None:
+    """The part of the noise floor that comes from seeds doing better on some videos and worse on
+    others (seed × video interaction), from a (seeds, videos) array of per-video DSC.
+
+    It is the sd the seed means would have if each seed differed from the others only in that
+    interaction; the rest of the floor is a shift of the whole model. A larger test set shrinks
+    this part alone (as 1/√videos)."""
+    s, v = per_video.shape
+    if s < 2:
+        return None
+    resid = per_video - per_video.mean(0) - per_video.mean(1, keepdims=True) + per_video.mean()
+    return float(np.sqrt((resid**2).sum(0).mean() / (s - 1) / v))
 
 
 def _sd(values: list[float]) -> float | None:
@@ -128,7 +155,12 @@ def main() -> None:  # pragma: no cover - a measurement script
     (a.out / "calibration.json").write_text(json.dumps(results, indent=1) + "\n")
     for r in results:
         sd = "" if r["gap_sd"] is None else f" ± {r['gap_sd']:.4f}"
-        floor = "" if r["noise_floor"] is None else f", noise floor {r['noise_floor']:.4f}"
+        floor = (
+            ""
+            if r["noise_floor"] is None
+            else f", noise floor {r['noise_floor']:.4f} (from the seed × video interaction "
+            f"alone {r['noise_floor_from_videos']:.4f})"
+        )
         print(
             f"target difficulty {r['difficulty']:g}: lower→upper gap {r['gap_mean']:.4f}{sd} "
             f"DSC{floor}"
