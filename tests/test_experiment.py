@@ -94,7 +94,7 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
 
 def test_experiment_configs_are_the_known_ones_and_load():
     paths = sorted(Path("configs/experiments").glob("*.yaml"))
-    assert {p.stem for p in paths} == {"smoke", "tables", "adapt", "adapt-tent"}
+    assert {p.stem for p in paths} == {"smoke", "tables", "adapt", "adapt-tent", "fair"}
     loaded = {path.stem: load_experiment(path) for path in paths}
     # The TENT study reuses the self-training study's folder: same name, only the method differs.
     assert loaded["adapt"].name == loaded["adapt-tent"].name == "adapt"
@@ -102,3 +102,21 @@ def test_experiment_configs_are_the_known_ones_and_load():
     assert loaded["adapt-tent"].adapt.method == "tent"
     assert loaded["adapt-tent"].adapt.optim == loaded["adapt"].adapt.optim
     assert loaded["tables"].adapt.method == "none"
+
+
+def test_the_fair_study_pretrains_each_branch_50_epochs_on_the_tables_sites():
+    from simulations.sites import plan_site
+
+    fair = load_experiment("configs/experiments/fair.yaml")
+    tables = load_experiment("configs/experiments/tables.yaml")
+    target = next(s for s in fair.sites if s.role == "target")
+    videos = [j for j in plan_site(target, fair.model.img_size) if j.split == "train"]
+    train_frames = len(videos) * target.synth.frames_per_video
+    for optim in (fair.simmim.optim, fair.contrastive.optim):
+        assert optim.max_steps * optim.batch_size / train_frames >= 50
+    # the benchmark is the tables' one: same sites and model; only the budget and recipe differ
+    assert fair.sites == tables.sites and fair.model == tables.model
+    assert fair.finetune.optim.ema_decay > 0
+    assert fair.contrastive.optim.lr < tables.contrastive.optim.lr  # no collapse (ssl health)
+    assert {v.name for v in fair.study.variants} >= {"gap10", "gap20", "gap30"}
+    assert len(fair.study.variant_seeds) >= 2  # Table 6 on two seeds or more
