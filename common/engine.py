@@ -229,8 +229,9 @@ def scheduled_lr(
 
     Linear warm-up over the first ``warmup_steps`` steps (step ``step_i`` uses
     ``(step_i + 1) / warmup_steps`` of the base rate), then ``schedule``: ``constant``; ``poly``,
-    ``(1 - t / total) ** 0.9`` as the TransUNet authors' trainer decays it; or ``cosine``,
-    ``(1 + cos(pi t / total)) / 2``, where t counts steps after the warm-up.
+    ``(1 - t / T) ** 0.9`` as the TransUNet authors' trainer decays it; or ``cosine``,
+    ``(1 + cos(pi t / T)) / 2``, where t counts the steps after the warm-up and T is
+    ``total - warmup_steps``.
     """
     if warmup_steps and step_i < warmup_steps:
         return base_lr * (step_i + 1) / warmup_steps
