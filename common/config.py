@@ -186,9 +186,21 @@ class FinetuneConfig(_Frozen):
     # the encoder's learning rate is optim.lr times this when it starts pretrained (a pretraining
     # branch or model.checkpoint); below 1 keeps more of what pretraining learnt (docs/method.md)
     encoder_lr_scale: float = Field(1.0, gt=0, le=1)
+    # which fine-tuning run of this seed: repeat r > 0 draws its initial weights, batch order and
+    # augmentations from another seed (seed + REPEAT_SEED_STRIDE·r) on the same pretrained encoders,
+    # so a study can score each arm as the mean of several fine-tuning runs (docs/results.md)
+    repeat: int = Field(0, ge=0)
     optim: OptimConfig = OptimConfig(
         optimizer="sgd", lr=2e-4, momentum=0.99, weight_decay=0.05, batch_size=512, epochs=200
     )
+
+
+REPEAT_SEED_STRIDE = 104_729  # a prime far above any seed a study names (variants use 1000)
+
+
+def finetune_seed(seed: int, repeat: int) -> int:
+    """The seed fine-tuning draws from: the experiment's own for repeat 0."""
+    return seed + REPEAT_SEED_STRIDE * repeat
 
 
 class FusionConfig(_Frozen):
@@ -336,6 +348,9 @@ class StudyConfig(_Frozen):
     pairs: tuple[tuple[str, str], ...] = ()  # extra fused pairs of arm names (Table 8)
     seeds: tuple[int, ...] = (0,)  # one federated run per seed (crossprobe experiment)
     variant_seeds: tuple[int, ...] | None = None  # seeds that also run the variants (None = all)
+    # fine-tuning runs per seed on the seed's pretrained encoders (finetune.repeat 0…k−1); every
+    # arm is scored as their mean, which divides the fine-tuning noise by about √k
+    finetune_repeats: int = Field(1, ge=1)
     select_on_source_val: bool = True  # also score the fusions on source validation (Table 7)
 
 

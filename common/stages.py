@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from common import arms, distributed, ssl_health
-from common.config import ExperimentConfig, SimMIMConfig
+from common.config import ExperimentConfig, SimMIMConfig, finetune_seed
 from common.engine import Step, autocast, fit, make_optimizer, to_device
 from common.fusion import fuse
 from common.losses import DiceBCELoss, MTNXentLoss, masked_l1
@@ -347,14 +347,15 @@ def finetune(
         args = (cfg, site, out_dir, encoder, arm, init_model, progress, branch)
         return _spawn(cfg, finetune, args, out_dir, f"finetune:{arm} at {site.name!r}")
     device = setup_device(cfg)
-    gen = seed_everything(cfg.seed)
+    seed = finetune_seed(cfg.seed, cfg.finetune.repeat)
+    gen = seed_everything(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fcfg, size = cfg.finetune, cfg.model.img_size
     optim = fcfg.optim
     if not site.select(split="train", labeled=True):
         raise ValueError(f"site {site.name!r} has no labeled train frames to fine-tune on")
-    train = SegDataset(site, "train", size, augment=fcfg.augment, seed=cfg.seed)
+    train = SegDataset(site, "train", size, augment=fcfg.augment, seed=seed)
     val = SegDataset(site, "val", size) if site.select(split="val", labeled=True) else None
     model = build_transunet(cfg.model, num_classes=1)
     if init_model is not None:

@@ -154,3 +154,23 @@ class RunStore:
 
     def record(self, phase: str) -> dict[str, Any]:
         return next(c for c in self.index["completed"] if c["phase"] == phase)
+
+    def adopt(self, other: RunStore, phase: str) -> bool:
+        """Take ``other``'s completed ``phase`` (its outputs and record) unless this run already
+        holds it computed on the same inputs; a run here then resumes after it. Returns whether
+        anything was copied. Both runs must be of the same experiment (the same identity).
+
+        Raises:
+            RunDirError: ``other`` is of another experiment, or has not completed ``phase``.
+        """
+        if other.identity != self.identity:
+            raise RunDirError(f"{other.run_dir} holds another experiment than {self.run_dir}")
+        if not other.is_done(phase):
+            raise RunDirError(f"{other.run_dir} has not completed phase {phase!r}")
+        if self.is_done(phase) and self.inputs_of(phase) == other.inputs_of(phase):
+            return False
+        self.forget_from(phase)
+        shutil.copytree(other.phase_dir(phase), self.phase_dir(phase))
+        self.index["completed"].append(other.record(phase))
+        atomic_write_json(self._index_path, self.index)
+        return True

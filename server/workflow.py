@@ -85,6 +85,13 @@ class Settings:
     max_eval_frames: int  # the most labeled frames a site is asked to score per split
 
 
+def run_identity(cfg: ExperimentConfig) -> str:
+    """Which experiment a run folder holds: its name and its sites (a folder of another experiment
+    is refused, not mixed)."""
+    sites = json.dumps([[s.name, s.role] for s in cfg.sites])
+    return fingerprint(cfg.name, sites)
+
+
 class Workflow:
     """Runs the phases against a Flower ``Grid``; ``log`` receives one progress line at a time."""
 
@@ -116,10 +123,7 @@ class Workflow:
         return self.exchange.phase_logs
 
     def _identity(self) -> str:
-        """Which experiment a run folder holds: its name and its sites (a folder of another
-        experiment is refused, not mixed)."""
-        sites = json.dumps([[s.name, s.role] for s in self.cfg.sites])
-        return fingerprint(self.cfg.name, sites)
+        return run_identity(self.cfg)
 
     def inputs(self, phase: str) -> str:
         """Fingerprint of what determines ``phase``'s result: the config sections it uses, the

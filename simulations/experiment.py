@@ -3,8 +3,11 @@
 ``NAME`` is ``configs/experiments/NAME.yaml`` (or a path). Each seed runs the real federated
 workflow (``crossprobe simulate``) in ``<run-root>/<name>/seed-<s>/`` on site data shared by the
 seeds (``<run-root>/<name>/data``: same frames, so scores pair across seeds); a finished seed whose
-config has not changed is not run again. Then ``server/study.py`` turns the ``results.json`` files
-into ``study.json``, ``study.md`` and figures under ``<run-root>/<name>/``.
+config has not changed is not run again. With ``study.finetune_repeats: k`` each seed fine-tunes and
+evaluates k times on its own pretrained encoders: repeat r > 0 runs in ``seed-<s>-repeat-<r>/``,
+which starts from a copy of ``seed-<s>``'s pretraining phase, and the seed is scored as the mean of
+its repeats (``server/repeats.py``). Then ``server/study.py`` turns the ``results.json`` files into
+``study.json``, ``study.md`` and figures under ``<run-root>/<name>/``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return cfg.model_copy(update={"seed": seed, "study": study})
 
 
+def repeat_config(cfg: ExperimentConfig, repeat: int) -> ExperimentConfig:
+    """The run of one seed's fine-tuning repeat (``finetune.repeat``; 0 is the seed's own run)."""
+    return cfg.model_copy(
+        update={"finetune": cfg.finetune.model_copy(update={"repeat": repeat})}
+    )  # fmt: skip
+
+
+def repeat_dirs(out: Path, seed: int, repeats: int) -> list[Path]:
+    """Where each fine-tuning repeat of ``seed`` runs: ``seed-<s>``, then ``seed-<s>-repeat-<r>``
+    (r ≥ 1)."""
+    return [out / (f"seed-{seed}" + (f"-repeat-{r}" if r else "")) for r in range(repeats)]
+
+
 def _done(run_dir: Path, cfg_text: str) -> bool:
     cfg_file = run_dir / "experiment.yaml"
     return (
@@ -82,9 +98,16 @@ def _wall_seconds(run_dir: Path) -> float:
 
 def write_study(cfg: ExperimentConfig, seeds: list[int], out: Path, walls: list[float]) -> None:
     """``study.json``, ``study.md`` and ``figures/`` from each seed's ``results.json``."""
+    from server.repeats import mean_over_repeats
     from server.study import aggregate, render_markdown
 
-    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in seeds]
+    k = cfg.study.finetune_repeats
+    runs = [
+        mean_over_repeats(
+            cfg, [json.loads((d / "results.json").read_text()) for d in repeat_dirs(out, s, k)]
+        )
+        for s in seeds
+    ]
     study = aggregate(cfg, seeds, runs, walls)
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     (out / "study.md").write_text(render_markdown(study))
@@ -130,25 +153,47 @@ def run_experiment(
 
 
 def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_only, log):
-    """Run (or reuse) each seed in turn; returns each seed's wall seconds."""
+    """Run (or reuse) each seed in turn, each of its fine-tuning repeats after the first on a copy
+    of its pretrained encoders; returns each seed's wall seconds (all its repeats)."""
     walls: list[float] = []
     t0 = time.monotonic()
+    k = cfg.study.finetune_repeats
     for i, seed in enumerate(seeds, 1):
-        run_dir = out / f"seed-{seed}"
-        text = dump_experiment(seed_config(cfg, seed))
-        where = f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)})"
-        if report_only or (not fresh and _done(run_dir, text)):
-            if not (run_dir / "results.json").is_file():
-                raise FileNotFoundError(f"{run_dir / 'results.json'}: seed {seed} has not been run")
-            log(f"{where}: done earlier, reusing {run_dir}")
-        else:
+        dirs = repeat_dirs(out, seed, k)
+        for r, run_dir in enumerate(dirs):
+            text = dump_experiment(repeat_config(seed_config(cfg, seed), r))
+            where = f"[experiment {cfg.name}] seed {seed} ({i}/{len(seeds)})"
+            where += f" fine-tuning repeat {r + 1}/{k}" if k > 1 else ""
+            if report_only or (not fresh and _done(run_dir, text)):
+                if not (run_dir / "results.json").is_file():
+                    raise FileNotFoundError(
+                        f"{run_dir / 'results.json'}: seed {seed} has not been run"
+                        + (f" (fine-tuning repeat {r})" if r else "")
+                    )
+                log(f"{where}: done earlier, reusing {run_dir}")
+                continue
             log(f"{where}: running → {run_dir}")
-            _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout)
-            elapsed, left = time.monotonic() - t0, len(seeds) - i
-            eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
-            log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
-        walls.append(_wall_seconds(run_dir))
+            if r:
+                _reuse_pretraining(dirs[0], run_dir, fresh, cfg)
+            _run_seed(run_dir, text, out, runner, fresh and not r, cpus_per_site, timeout)
+        elapsed, left = time.monotonic() - t0, len(seeds) - i
+        eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
+        log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
+        walls.append(sum(_wall_seconds(d) for d in dirs))
     return walls
+
+
+def _reuse_pretraining(seed_dir: Path, run_dir: Path, fresh: bool, cfg: ExperimentConfig) -> None:
+    """Start a fine-tuning repeat's run folder from the seed's completed pretraining phase."""
+    import shutil  # noqa: PLC0415
+
+    from server.store import RunStore  # noqa: PLC0415
+    from server.workflow import PRETRAIN, run_identity  # noqa: PLC0415
+
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    identity = run_identity(cfg)
+    RunStore(run_dir, identity).adopt(RunStore(seed_dir, identity), PRETRAIN)
 
 
 def experiment_command(

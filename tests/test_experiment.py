@@ -74,6 +74,37 @@ def test_smoke_study_runs_every_seed_and_writes_the_tables(tmp_path, flower_iden
     assert again == []
 
 
+def test_fine_tuning_repeats_reuse_the_pretraining_and_score_each_seed_as_their_mean(
+    tmp_path, flower_identity
+):
+    """study.finetune_repeats: 2 — repeat 1 of each seed starts from that seed's pretrained
+    encoders, fine-tunes other weights, and the study scores the mean of the two runs."""
+    cfg = tmp_path / "repeats.yaml"
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "smoke.yaml"
+    cfg.write_text(
+        f"base: {smoke}\nname: repeats\n"
+        "study: {seeds: [3], finetune_repeats: 2, variants: [], pairs: []}\n"
+    )
+    calls: list = []
+    out = run_experiment(cfg, run_root=tmp_path, runner=in_process_runner(calls), log=lambda s: 0)
+    assert [c[0] for c in calls] == [3, 3]
+    for seed in (3,):
+        first, second = (
+            json.loads((out / d / "results.json").read_text())
+            for d in (f"seed-{seed}", f"seed-{seed}-repeat-1")
+        )
+        resumed = {p["phase"]: p["resumed"] for p in second["phases"]}
+        assert resumed["pretrain"] and not resumed["finetune"]  # pretrained once per seed
+        a, b = (r["evaluation"]["telemed"]["per_image"]["lower/dice"] for r in (first, second))
+        assert a != b  # another fine-tuning run, not a copy
+        study = json.loads((out / "study.json").read_text())
+        lower = study["sites"]["telemed"]["rows"]["lower"]["dice_per_seed"][seed]
+        assert lower == pytest.approx((sum(a) / len(a) + sum(b) / len(b)) / 2)
+    again: list = []
+    run_experiment(cfg, run_root=tmp_path, runner=in_process_runner(again), log=lambda s: 0)
+    assert again == []
+
+
 def test_unknown_experiment_names_the_known_ones():
     with pytest.raises(ConfigError, match="known: .*smoke.*tables"):
         resolve("nope")

@@ -201,9 +201,13 @@ def test_calibration_probe_measures_the_lower_upper_gap(tmp_path):
     # the probe that set the default difficulty runs the real stages on freshly rendered sites
     from simulations.phantom.calibrate import probe
 
-    res = probe(Path("configs/tiny.yaml"), 0.5, [0], tmp_path)
+    res = probe(Path("configs/tiny.yaml"), 0.5, [0], tmp_path, repeats=2)
     (row,) = res["rows"]
     assert 0.0 <= row["lower"] <= 1.0 and 0.0 <= row["upper"] <= 1.0
+    # the lower bound is the mean of two fine-tuning runs, which differ
+    assert len(row["lower_runs"]) == 2 and row["lower_runs"][0] != row["lower_runs"][1]
+    assert row["lower"] == pytest.approx(np.mean(row["lower_runs"]))
+    assert res["noise_floor_single_run"] == pytest.approx(np.std(row["lower_runs"], ddof=1))
     assert row["gap"] == pytest.approx(row["upper"] - row["lower"])
     assert res["difficulty"] == 0.5 and res["gap_sd"] is None
     assert 0.0 <= row["lower_in_domain"] <= 1.0 and res["noise_floor"] is None

@@ -35,8 +35,14 @@ def probe(
     out: Path,
     target_preset: str | None = None,
     annotation_noise: float | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """Lower and upper bound DSC on the target test set for one phantom setting, per seed."""
+    """Lower and upper bound DSC on the target test set for one phantom setting, per seed.
+
+    ``repeats`` > 1: the lower bound is fine-tuned that many times per seed (``finetune.repeat``
+    0…k−1: other initial weights, batch order and augmentations) and scored as the mean of the
+    runs, as a study with ``study.finetune_repeats`` scores every arm; the noise floor is then the
+    sd of those means over the seeds."""
     import torch
 
     from common import stages
@@ -65,26 +71,46 @@ def probe(
     for seed in seeds:
         c = cfg.model_copy(update={"seed": seed})
         t0 = time.monotonic()
-        lower = stages.finetune(
-            c, data["source"], root / f"s{seed}-lower", None, arms.LOWER, progress=False
-        )
         upper = stages.finetune(
             c, data["target"], root / f"s{seed}-upper", None, arms.UPPER, progress=False
         )
-        models = {arms.LOWER: lower.state, arms.UPPER: upper.state}
-        ev = stages.evaluate(c, data["target"], root / f"s{seed}-eval", models, progress=False)
+        ev = stages.evaluate(
+            c, data["target"], root / f"s{seed}-eval-upper", {arms.UPPER: upper.state},
+            progress=False,
+        )  # fmt: skip
+        upper_dice = ev.metrics[f"{arms.UPPER}/dice"]
+        lowers, runs, videos = [], [], []  # the lower bound per fine-tuning run: weights, DSC
+        for r in range(repeats):
+            cr = c.model_copy(
+                update={"finetune": c.finetune.model_copy(update={"repeat": r})}
+            )  # fmt: skip
+            tag_r = f"s{seed}" + (f"-r{r}" if r else "")
+            lowers.append(
+                stages.finetune(
+                    cr, data["source"], root / f"{tag_r}-lower", None, arms.LOWER, progress=False
+                ).state
+            )
+            ev = stages.evaluate(
+                c, data["target"], root / f"{tag_r}-eval", {arms.LOWER: lowers[-1]},
+                progress=False,
+            )  # fmt: skip
+            runs.append(ev.metrics[f"{arms.LOWER}/dice"])
+            videos.append(ev.per_video[f"{arms.LOWER}/dice"])
+        # the first run stands for the others in the in-domain and padding-edge diagnostics
+        models = {arms.LOWER: lowers[0], arms.UPPER: upper.state}
         src = stages.evaluate(
-            c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: lower.state},
+            c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: lowers[0]},
             progress=False,
         )  # fmt: skip
         nets = stages.load_models(c, models, torch.device("cpu"), share=True)
-        lower_per_video.append(ev.per_video[f"{arms.LOWER}/dice"])
+        lower_per_video.append(np.mean(videos, axis=0))
         rows.append(
             {
                 "seed": seed,
-                "lower": ev.metrics[f"{arms.LOWER}/dice"],
-                "upper": ev.metrics[f"{arms.UPPER}/dice"],
-                "gap": ev.metrics["upper/dice"] - ev.metrics["lower/dice"],
+                "lower": float(np.mean(runs)),
+                "lower_runs": runs,
+                "upper": upper_dice,
+                "gap": upper_dice - float(np.mean(runs)),
                 "lower_in_domain": src.metrics[f"{arms.LOWER}/dice"],
                 # share of target test frames with bone drawn along the zero padding's edge
                 "lower_edge": padding_edge_share(nets[arms.LOWER], target_test),
@@ -93,8 +119,9 @@ def probe(
             }
         )
         print(
-            f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f} "
-            f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f} "
+            f"[calibrate {tag}] seed {seed}: lower {rows[-1]['lower']:.4f}"
+            + (f" (mean of {', '.join(f'{x:.4f}' for x in runs)}) " if repeats > 1 else " ")
+            + f"upper {rows[-1]['upper']:.4f} gap {rows[-1]['gap']:.4f} "
             f"(lower on the source test set {rows[-1]['lower_in_domain']:.4f}; bone along the "
             f"padding edge: lower {rows[-1]['lower_edge']:.1%}, upper {rows[-1]['upper_edge']:.1%} "
             "of the target test frames)",
@@ -108,7 +135,11 @@ def probe(
         "rows": rows,
         "gap_mean": float(np.mean(gaps)),
         "gap_sd": _sd(gaps),
+        "repeats": repeats,
         "noise_floor": _sd([r["lower"] for r in rows]),  # the lower bound's sd over the seeds
+        # what one fine-tuning run per seed would show: the sd over every single run (each draws
+        # its own initial weights and batch order)
+        "noise_floor_single_run": _sd([x for r in rows for x in r["lower_runs"]]),
         "noise_floor_from_videos": interaction_floor(np.array(lower_per_video)),
     }
 
@@ -145,11 +176,15 @@ def main() -> None:  # pragma: no cover - a measurement script
         help="every site's synth.annotation_noise (default: the config's)",
     )  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument(
+        "--repeats", type=int, default=1,
+        help="fine-tune the lower bound this many times per seed and score the mean",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/calibration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     results = [
-        probe(a.config, d, a.seeds, a.out, a.target_preset, a.annotation_noise)
+        probe(a.config, d, a.seeds, a.out, a.target_preset, a.annotation_noise, a.repeats)
         for d in a.difficulty
     ]
     (a.out / "calibration.json").write_text(json.dumps(results, indent=1) + "\n")
