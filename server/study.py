@@ -320,6 +320,7 @@ def aggregate(
     return {
         "experiment": cfg.name,
         "seeds": list(seeds),
+        "finetune_repeats": cfg.study.finetune_repeats,
         "ours": ours,
         "methods": methods,
         "labels": labels,
@@ -350,6 +351,13 @@ def _header(study: dict[str, Any]) -> list[str]:
         "bound's seed-to-seed sd) and per-video p < 0.05.",
         "",
     ]
+    k = study.get("finetune_repeats", 1)
+    if k > 1:
+        lines += [
+            f"Each seed pretrained once and fine-tuned every arm {k} times (other initial weights "
+            f"and batch order); its scores are the mean of the {k} runs, per image.",
+            "",
+        ]
     if study.get("wall_seconds"):
         w = study["wall_seconds"]
         lines += [f"Wall time per seed: {', '.join(f'{x / 60:.1f} min' for x in w)}.", ""]

@@ -98,8 +98,9 @@ def test_fine_tuning_repeats_reuse_the_pretraining_and_score_each_seed_as_their_
         a, b = (r["evaluation"]["telemed"]["per_image"]["lower/dice"] for r in (first, second))
         assert a != b  # another fine-tuning run, not a copy
         study = json.loads((out / "study.json").read_text())
-        lower = study["sites"]["telemed"]["rows"]["lower"]["dice_per_seed"][seed]
+        lower = study["sites"]["telemed"]["rows"]["lower"]["dice_per_seed"][0]
         assert lower == pytest.approx((sum(a) / len(a) + sum(b) / len(b)) / 2)
+    assert "fine-tuned every arm 2 times" in (out / "study.md").read_text()
     again: list = []
     run_experiment(cfg, run_root=tmp_path, runner=in_process_runner(again), log=lambda s: 0)
     assert again == []
