@@ -16,8 +16,9 @@ import numpy as np
 
 from common.config import ExperimentConfig
 from server.report import fusion_selection
+from server.study import UNITS
 
-VECTORS = ("per_image", "per_video", "per_patient")
+VECTORS = tuple(f"per_{unit}" for unit in UNITS)
 
 
 def mean_over_repeats(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -79,13 +79,17 @@ def _done(run_dir: Path, cfg_text: str) -> bool:
     )
 
 
-def _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout) -> None:
-    """One seed's federated run in ``run_dir`` (its config saved as ``experiment.yaml``)."""
+def _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout, pretrained=None) -> None:
+    """One seed's federated run in ``run_dir`` (its config saved as ``experiment.yaml``);
+    ``pretrained``: (the seed's own run folder, the study), for a fine-tuning repeat that starts
+    from that folder's completed pretraining."""
     if fresh and run_dir.exists():
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if pretrained is not None:
+        _reuse_pretraining(*pretrained, run_dir)
     cfg_file = run_dir / "experiment.yaml"
     cfg_file.write_text(text)
     runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
@@ -173,9 +177,8 @@ def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_on
                 log(f"{where}: done earlier, reusing {run_dir}")
                 continue
             log(f"{where}: running → {run_dir}")
-            if r:
-                _reuse_pretraining(dirs[0], run_dir, fresh, cfg)
-            _run_seed(run_dir, text, out, runner, fresh and not r, cpus_per_site, timeout)
+            pretrained = (dirs[0], cfg) if r else None
+            _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout, pretrained)
         elapsed, left = time.monotonic() - t0, len(seeds) - i
         eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
         log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
@@ -183,15 +186,11 @@ def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_on
     return walls
 
 
-def _reuse_pretraining(seed_dir: Path, run_dir: Path, fresh: bool, cfg: ExperimentConfig) -> None:
+def _reuse_pretraining(seed_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> None:
     """Start a fine-tuning repeat's run folder from the seed's completed pretraining phase."""
-    import shutil  # noqa: PLC0415
-
     from server.store import RunStore  # noqa: PLC0415
     from server.workflow import PRETRAIN, run_identity  # noqa: PLC0415
 
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
     identity = run_identity(cfg)
     RunStore(run_dir, identity).adopt(RunStore(seed_dir, identity), PRETRAIN)
 

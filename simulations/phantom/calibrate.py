@@ -48,6 +48,7 @@ def probe(
     from common import stages
     from common.data.datasets import SegDataset
     from common.data.manifest import load_site
+    from simulations.experiment import repeat_config
     from simulations.phantom.edge import padding_edge_share
     from simulations.sites import ensure_site
 
@@ -79,27 +80,23 @@ def probe(
             progress=False,
         )  # fmt: skip
         upper_dice = ev.metrics[f"{arms.UPPER}/dice"]
-        lowers, runs, videos = [], [], []  # the lower bound per fine-tuning run: weights, DSC
+        first, runs, videos = None, [], []  # the lower bound's first weights; DSC per run
         for r in range(repeats):
-            cr = c.model_copy(
-                update={"finetune": c.finetune.model_copy(update={"repeat": r})}
-            )  # fmt: skip
             tag_r = f"s{seed}" + (f"-r{r}" if r else "")
-            lowers.append(
-                stages.finetune(
-                    cr, data["source"], root / f"{tag_r}-lower", None, arms.LOWER, progress=False
-                ).state
-            )
-            ev = stages.evaluate(
-                c, data["target"], root / f"{tag_r}-eval", {arms.LOWER: lowers[-1]},
+            lower = stages.finetune(
+                repeat_config(c, r), data["source"], root / f"{tag_r}-lower", None, arms.LOWER,
                 progress=False,
-            )  # fmt: skip
+            ).state  # fmt: skip
+            ev = stages.evaluate(
+                c, data["target"], root / f"{tag_r}-eval", {arms.LOWER: lower}, progress=False
+            )
             runs.append(ev.metrics[f"{arms.LOWER}/dice"])
             videos.append(ev.per_video[f"{arms.LOWER}/dice"])
+            first = lower if first is None else first
         # the first run stands for the others in the in-domain and padding-edge diagnostics
-        models = {arms.LOWER: lowers[0], arms.UPPER: upper.state}
+        models = {arms.LOWER: first, arms.UPPER: upper.state}
         src = stages.evaluate(
-            c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: lowers[0]},
+            c, data["source"], root / f"s{seed}-eval-source", {arms.LOWER: first},
             progress=False,
         )  # fmt: skip
         nets = stages.load_models(c, models, torch.device("cpu"), share=True)
