@@ -29,20 +29,20 @@ RUN groupadd --gid ${UID} app \
 WORKDIR /app
 
 # 1. torch from the chosen index (CPU by default), then the other dependencies from pyproject.toml:
-#    a layer that survives source and documentation edits (only pyproject.toml goes in).
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print(chr(10).join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-    > /tmp/requirements.txt
-RUN grep -E '^(torch|torchvision)\b' /tmp/requirements.txt > /tmp/torch.txt \
- && if [ -n "${WHEELS_URL}" ]; then \
-      pip install --no-index --find-links "${WHEELS_URL}" \
-        --trusted-host "$(echo "${WHEELS_URL}" | sed -E 's#^[a-z]+://([^:/]+).*#\1#')" \
-        -r /tmp/requirements.txt; \
+#    a layer that survives source and documentation edits (only pyproject.toml goes in). From a
+#    wheelhouse, deploy/install_wheelhouse.py installs its wheels a batch at a time (less disk).
+COPY pyproject.toml deploy/install_wheelhouse.py ./
+RUN if [ -n "${WHEELS_URL}" ]; then \
+      python install_wheelhouse.py "${WHEELS_URL}"; \
     else \
-      pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
-      && pip install -r /tmp/requirements.txt; \
+      python -c "import tomllib; print(chr(10).join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+      && grep -E '^(torch|torchvision)\b' /tmp/requirements.txt > /tmp/torch.txt \
+      && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
+      && pip install -r /tmp/requirements.txt \
+      && rm /tmp/requirements.txt /tmp/torch.txt; \
     fi \
- && rm /tmp/requirements.txt /tmp/torch.txt
+ && rm install_wheelhouse.py
 
 # 2. the app itself (editable, so configs/ and the app folder that `flwr run /app` ships are the same)
 COPY . .

@@ -5,13 +5,17 @@ taken down, a site's ledger read inside its container, and an expired copy of a 
 The image installs from a wheelhouse made from the wheels on this machine's disk and served over
 HTTP to the build (no registry, no index is reached): torch as pip resolves it here (2.14.1 with its
 CUDA libraries: a CPU build of torch cannot be paired with the CUDA build of torchvision that timm
-imports). Compose v1 (`docker-compose`) drives it, as on Debian.
+imports). The wheelhouse links to the files pip found on this disk rather than copying them (3 GB),
+and is served on a fixed port, so that the image's dependency layer (the URL is one of its build
+arguments) stays cached from one test session to the next; a rebuilt test image replaces the old
+one. Compose v1 (`docker-compose`) drives it, as on Debian.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -19,9 +23,11 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -31,6 +37,11 @@ WHEELHOUSE = Path(
     os.environ.get("CROSSPROBE_WHEELHOUSE", "/var/cache/crossprobe-engine/wheelhouse")
 )
 IMAGE = "crossprobe:test"  # not a user's crossprobe:local
+WHEELS_PORT = 38081  # fixed: the wheelhouse URL is part of the dependency layer's cache key
+# what building the image from nothing needs free under Docker's root: its dependency layer (5.7 GB:
+# torch's CUDA libraries without triton, deploy/install_wheelhouse.py) twice, since the build
+# commits a layer by copying it (measured: 10.5 GB at the peak), and a batch of wheels
+BUILD_DISK_BYTES = 12_000_000_000
 UID = 49999  # the image's user
 
 
@@ -59,23 +70,71 @@ def engine() -> None:
 @pytest.fixture(scope="module")
 def wheels_url(engine):
     """The project's dependencies as wheels, served to the image build on the docker bridge."""
-    complete = WHEELHOUSE / ".complete"  # an interrupted download leaves no marker: done again
-    if not complete.is_file():
-        import tomllib
+    import tomllib
 
-        deps = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
-        sh("pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:", *deps,
-           "setuptools", "wheel", timeout=900)  # fmt: skip
-        complete.touch()
+    deps = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    make_wheelhouse([*deps, "setuptools", "wheel"], WHEELHOUSE)
     gateway = bridge_gateway()
     handler = functools.partial(QuietHandler, directory=str(WHEELHOUSE))
-    server = http.server.ThreadingHTTPServer((gateway, 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer((gateway, WHEELS_PORT), handler)
+    except OSError:  # the port is taken: any port works, only the layer cache misses
+        server = http.server.ThreadingHTTPServer((gateway, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://{gateway}:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def make_wheelhouse(requirements: list[str], folder: Path) -> None:
+    """A folder with one wheel per package of the set pip resolves for ``requirements``: a link to
+    each wheel pip found on this disk, a download of each it found on an index. Made again when
+    the requirements change; an interrupted one leaves no marker and is made again too."""
+    marker = folder / ".complete"
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
+    if marker.is_file() and marker.read_text() == digest:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    report = folder / "resolved.json"
+    sh(sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
+       "--only-binary=:all:", "--report", str(report), *requirements, timeout=900)  # fmt: skip
+    remote = []
+    for item in json.loads(report.read_text())["install"]:
+        url = item["download_info"]["url"]
+        if url.startswith("file://"):
+            path = Path(unquote(urlsplit(url).path))
+            (folder / path.name).symlink_to(path)
+        else:
+            remote.append(url)
+    if remote:
+        sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), *remote,
+           timeout=900)  # fmt: skip
+    report.unlink()
+    marker.write_text(digest)
+
+
+def build(project: Project, timeout: float = 1500) -> None:
+    """``docker-compose build`` of the test image; the image it replaces is removed (each one is
+    several GB), and a machine without the disk to build it skips the container tests."""
+    before = image_id(IMAGE)
+    if not before:
+        root = sh("docker", "info", "-f", "{{.DockerRootDir}}").stdout.strip()
+        free = shutil.disk_usage(root).free
+        if free < BUILD_DISK_BYTES:
+            pytest.skip(f"building {IMAGE} needs {BUILD_DISK_BYTES / 1e9:.1f} GB free under "
+                        f"{root}; {free / 1e9:.1f} GB are")  # fmt: skip
+    project("build", "--force-rm", timeout=timeout)
+    after = image_id(IMAGE)
+    if before and after != before:
+        sh("docker", "rmi", before, check=False)
+
+
+def image_id(tag: str) -> str:
+    out = sh("docker", "image", "inspect", tag, "-f", "{{.Id}}", check=False)
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def bridge_gateway() -> str:

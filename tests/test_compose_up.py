@@ -26,6 +26,7 @@ from tests.compose import (
     IMAGE,
     UID,
     Project,
+    build,
     expired_ca,
     free_port,
     launched_run,
@@ -61,7 +62,7 @@ def calm(demo, tmp_path_factory) -> dict:
     up for the fault test. Returns what came of it (the report copied out of its volume)."""
     out = tmp_path_factory.mktemp("calm")
     t0 = time.monotonic()
-    demo("build", "--force-rm", timeout=1500)
+    build(demo)
     built = time.monotonic() - t0
     image = int(sh("docker", "image", "inspect", IMAGE, "-f", "{{.Size}}").stdout)
     t1 = time.monotonic()
@@ -249,7 +250,7 @@ def test_separate_hospitals_join_only_through_the_superlinks_published_port(
     from deploy.certs import make_certs
     from simulations.demo_data import demo_data
 
-    demo("build", "--force-rm", timeout=1500)  # the same image (cached after the demo test)
+    build(demo)  # the same image (cached after the demo test)
     config = "configs/tiny-3sites.yaml"
     certs = tmp_path / "certs"  # the coordinator's name in the server certificate's SAN
     make_certs(certs, list(HOSPITALS), hosts=["coordinator"])
