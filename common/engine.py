@@ -23,6 +23,7 @@ from torch import nn
 
 from common import distributed
 from common.config import OptimConfig
+from common.resume import Resumable
 
 Step = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 
@@ -447,6 +448,7 @@ def fit(
     phase: str = "train",
     out_dir: Path | None = None,
     progress: bool = True,
+    resume: Resumable | None = None,
 ) -> FitResult:
     """Train ``model`` with ``step``; the best checkpoint by validation loss is kept and restored.
 
@@ -461,6 +463,9 @@ def fit(
             scores and what the fit keeps (the average itself when there is no validation).
         out_dir: if given, ``history.json``, ``loss.png`` and the best checkpoint
             (``best.safetensors``) are written there, so nothing large is kept twice in memory.
+        resume: if given (with ``out_dir``, in a one-process fit), the fit's state is saved at the
+            end of every epoch, and a fit that finds a checkpoint of its own key there goes on
+            from it, to the same end as if it had never stopped (common/resume.py).
     In a multi-process stage (common/distributed.py) every rank calls ``fit`` with its share of
     each training batch and the whole validation set (so every rank picks the same checkpoint
     one process would); the logged loss is the ranks' mean, and only rank 0 prints, writes and
@@ -481,6 +486,10 @@ def fit(
         model, val_step or step, val_loader, device, bf16, channels_last, best_path
     )
     ema = _Ema(model, ema_decay) if ema_decay else None
+    if out_dir is None or distributed.current().world > 1:
+        resume = None
+    if resume is not None:
+        _resume(resume.load(), model, optimizer, ema, state, validation, device, phase)
 
     def train_on(batch: Mapping[str, Any]) -> None:
         batch = to_device(batch, device, channels_last)
@@ -502,6 +511,8 @@ def fit(
         state.epoch += 1
         _set_epoch(train_loader, state.epoch)
         _train_epoch(train_loader, state, train_on, validate, val_every)
+        if resume is not None and state.steps < total:
+            resume.save(_fit_state(model, optimizer, ema, state, validation))
     if val_every and state.steps % val_every:
         validate(state)  # the final weights are a candidate too
     state.stop_clock()
@@ -511,7 +522,52 @@ def fit(
     result = state.result(validation)
     if out_dir is not None:
         write_history(result, out_dir, phase)
+    if resume is not None:
+        resume.clear()  # finished: the next fit in this folder starts afresh
     return result
+
+
+def _fit_state(model, optimizer, ema: _Ema | None, state: _TrainState, validation) -> dict:
+    """What a fit needs to go on after this epoch (common/resume.py saves it)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": None if ema is None else {"shadow": ema.shadow, "updates": ema.updates},
+        "counters": {
+            "steps": state.steps,
+            "images": state.images,
+            "epoch": state.epoch,
+            "seconds": time.perf_counter() - state.t0,
+        },
+        "recent": state.recent,
+        "history": state.history,
+        "best": {"val": validation.best_val, "step": validation.best_step},
+    }
+
+
+def _resume(saved, model, optimizer, ema, state: _TrainState, validation, device, phase) -> None:
+    """Put a fit back where ``saved`` (``_fit_state``) left it; nothing when there is none."""
+    if saved is None:
+        return
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if ema is not None and saved["ema"] is not None:
+        ema.shadow = {k: t.to(device) for k, t in saved["ema"]["shadow"].items()}
+        ema.updates = saved["ema"]["updates"]
+    counters = saved["counters"]
+    state.steps, state.images = counters["steps"], counters["images"]
+    state.epoch = counters["epoch"]
+    state.recent, state.history = list(saved["recent"]), list(saved["history"])
+    state.t0 -= counters["seconds"]  # wall time and ETA count the time before the stop too
+    state.progress.t0 -= counters["seconds"]
+    validation.best_val, validation.best_step = saved["best"]["val"], saved["best"]["step"]
+    if state.progress.enabled:
+        print(
+            f"[{phase}] resumed after epoch {state.epoch}/{state.epochs} "
+            f"(step {state.steps}/{state.total})",
+            file=state.progress.stream,
+            flush=True,
+        )
 
 
 def write_history(result: FitResult, out_dir: Path, phase: str) -> None:

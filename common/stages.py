@@ -9,6 +9,7 @@ else — checkpoints, loss curves, fusion-weight maps, prediction overlays — i
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -35,6 +36,7 @@ from common.models import (
     load_encoder,
     simmim_mask,
 )
+from common.resume import FILENAME, Resumable, fit_key
 
 if TYPE_CHECKING:
     from common.data.manifest import SiteData
@@ -132,7 +134,13 @@ def make_loader(
 
 
 def fit_kwargs(
-    cfg: ExperimentConfig, optim, device, phase: str, out_dir: Path, progress: bool
+    cfg: ExperimentConfig,
+    optim,
+    device,
+    phase: str,
+    out_dir: Path,
+    progress: bool,
+    resume: Resumable | None = None,
 ) -> dict[str, Any]:
     return {
         "device": device,
@@ -146,7 +154,18 @@ def fit_kwargs(
         "phase": phase,
         "out_dir": out_dir,
         "progress": progress,
+        "resume": resume,
     }
+
+
+def resumable(
+    cfg: ExperimentConfig, out_dir: Path, what: str, ds, *generators: torch.Generator
+) -> Resumable:
+    """The epoch-end checkpoint of the fit of ``what`` (a branch or an arm) on ``ds`` with
+    ``cfg`` in ``out_dir`` (common/resume.py). How the stage runs (``runtime``) is not part of
+    what the fit is: a fit stopped on one device goes on on another."""
+    setup = cfg.model_dump(mode="json", exclude={"runtime"})
+    return Resumable(out_dir / FILENAME, fit_key(setup, what, len(ds)), generators)
 
 
 def simmim_step(model: SimMIMModel, scfg: SimMIMConfig, size: int, gen: torch.Generator) -> Step:
@@ -203,7 +222,8 @@ def segmentation_step(model: torch.nn.Module, loss_fn: DiceBCELoss) -> Step:
 
 
 def _simmim_setup(cfg: ExperimentConfig, site: SiteData, gen: torch.Generator):
-    """(model, dataset, loader, step builder, optimiser config) of the SimMIM branch."""
+    """(model, dataset, loader, step builder, optimiser config, generators) of the SimMIM
+    branch."""
     from common.data.datasets import FrameDataset
 
     scfg, size = cfg.simmim, cfg.model.img_size
@@ -212,12 +232,13 @@ def _simmim_setup(cfg: ExperimentConfig, site: SiteData, gen: torch.Generator):
     loader = make_loader(ds, scfg.optim.batch_size, cfg, gen)
     # each rank of a multi-process stage draws its own masks (rank 0: the one-process ones)
     masks = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * distributed.current().rank)
-    return model, ds, loader, lambda net: simmim_step(net, scfg, size, masks), scfg.optim
+    make_step = functools.partial(simmim_step, scfg=scfg, size=size, gen=masks)
+    return model, ds, loader, make_step, scfg.optim, (gen, masks)
 
 
 def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: torch.Generator):
-    """(model, dataset, loader, step builder, optimiser config) of MT-NXent, or of SimCLR (gap
-    0)."""
+    """(model, dataset, loader, step builder, optimiser config, generators) of MT-NXent, or of
+    SimCLR (gap 0)."""
     from common.data.datasets import PairDataset, VideoBatchSampler
 
     ccfg = cfg.contrastive
@@ -233,7 +254,8 @@ def _contrastive_setup(cfg: ExperimentConfig, branch: str, site: SiteData, gen: 
         )
     loader = make_loader(ds, optim.batch_size, cfg, gen, batch_sampler=sampler)
     loss_fn = MTNXentLoss(ccfg.temperature, ccfg.min_frame_gap)
-    return model, ds, loader, lambda net: contrastive_step(net, loss_fn, ccfg.negatives), optim
+    make_step = functools.partial(contrastive_step, loss_fn=loss_fn, negatives=ccfg.negatives)
+    return model, ds, loader, make_step, optim, (gen,)
 
 
 def pretrain(
@@ -270,9 +292,9 @@ def pretrain(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if branch == arms.SIMMIM:
-        model, ds, loader, make_step, optim = _simmim_setup(cfg, site, gen)
+        model, ds, loader, make_step, optim, generators = _simmim_setup(cfg, site, gen)
     else:
-        model, ds, loader, make_step, optim = _contrastive_setup(cfg, branch, site, gen)
+        model, ds, loader, make_step, optim, generators = _contrastive_setup(cfg, branch, site, gen)
     if len(ds) == 0:
         raise ValueError(f"site {site.name!r} has no train frames to pretrain on")
     if init_encoder is not None:
@@ -280,7 +302,9 @@ def pretrain(
     step = make_step(_on_device(model, cfg, device))
     opt = make_optimizer(model.parameters(), optim)
     phase = f"pretrain:{name or branch}"
-    res = fit(model, step, loader, opt, **fit_kwargs(cfg, optim, device, phase, out_dir, progress))
+    resume = resumable(cfg, out_dir, (branch, init_encoder is not None), ds, *generators)
+    kwargs = fit_kwargs(cfg, optim, device, phase, out_dir, progress, resume)
+    res = fit(model, step, loader, opt, **kwargs)
     if distributed.current().main:  # the decoder / projection head stay at the site, never shipped
         torch.save(model.state_dict(), out_dir / "model_local.pt")
         ssl_health.plot_signals(res.history, out_dir, phase)
@@ -366,6 +390,8 @@ def finetune(
     step = segmentation_step(net, DiceBCELoss(batch_sum=distributed.all_reduce_sum))
     groups = _parameter_groups(model, cfg, arm, branch)
     opt = make_optimizer(groups, optim, weight_decay=_weight_decay(cfg, arm, branch))
+    what = (arm, branch, encoder is not None, init_model is not None)
+    resume = resumable(cfg, out_dir, what, train, gen)
     val_loader = None
     if val is not None:  # every rank validates the whole set, on its own copy of the weights
         val_loader = make_loader(
@@ -379,7 +405,7 @@ def finetune(
         val_loader=val_loader,
         val_every=optim.val_every,
         val_step=segmentation_step(model, DiceBCELoss()),
-        **fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress),
+        **fit_kwargs(cfg, optim, device, f"finetune:{arm}", out_dir, progress, resume),
     )
     metrics = res.metrics()
     metrics["labeled_val_frames"] = float(len(val) if val is not None else 0)
