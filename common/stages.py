@@ -159,13 +159,15 @@ def fit_kwargs(
 
 
 def resumable(
-    cfg: ExperimentConfig, out_dir: Path, what: str, ds, *generators: torch.Generator
+    cfg: ExperimentConfig, out_dir: Path, what, site: SiteData, *generators: torch.Generator
 ) -> Resumable:
-    """The epoch-end checkpoint of the fit of ``what`` (a branch or an arm) on ``ds`` with
-    ``cfg`` in ``out_dir`` (common/resume.py). How the stage runs (``runtime``) is not part of
-    what the fit is: a fit stopped on one device goes on on another."""
+    """The epoch-end checkpoint of the fit of ``what`` (a branch or an arm) on ``site``'s data
+    (its manifest's digest) with ``cfg`` in ``out_dir`` (common/resume.py). How the stage runs
+    (``runtime``) is not part of what the fit is: a fit stopped on one device goes on on another."""
+    from common.data.manifest import data_digest
+
     setup = cfg.model_dump(mode="json", exclude={"runtime"})
-    return Resumable(out_dir / FILENAME, fit_key(setup, what, len(ds)), generators)
+    return Resumable(out_dir / FILENAME, fit_key(setup, what, data_digest(site.root)), generators)
 
 
 def simmim_step(model: SimMIMModel, scfg: SimMIMConfig, size: int, gen: torch.Generator) -> Step:
@@ -302,7 +304,7 @@ def pretrain(
     step = make_step(_on_device(model, cfg, device))
     opt = make_optimizer(model.parameters(), optim)
     phase = f"pretrain:{name or branch}"
-    resume = resumable(cfg, out_dir, (branch, init_encoder is not None), ds, *generators)
+    resume = resumable(cfg, out_dir, (branch, init_encoder is not None), site, *generators)
     kwargs = fit_kwargs(cfg, optim, device, phase, out_dir, progress, resume)
     res = fit(model, step, loader, opt, **kwargs)
     if distributed.current().main:  # the decoder / projection head stay at the site, never shipped
@@ -391,7 +393,7 @@ def finetune(
     groups = _parameter_groups(model, cfg, arm, branch)
     opt = make_optimizer(groups, optim, weight_decay=_weight_decay(cfg, arm, branch))
     what = (arm, branch, encoder is not None, init_model is not None)
-    resume = resumable(cfg, out_dir, what, train, gen)
+    resume = resumable(cfg, out_dir, what, site, gen)
     val_loader = None
     if val is not None:  # every rank validates the whole set, on its own copy of the weights
         val_loader = make_loader(
