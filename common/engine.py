@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -465,7 +465,8 @@ def fit(
             (``best.safetensors``) are written there, so nothing large is kept twice in memory.
         resume: if given (with ``out_dir``, in a one-process fit), the fit's state is saved at the
             end of every epoch, and a fit that finds a checkpoint of its own key there goes on
-            from it, to the same end as if it had never stopped (common/resume.py).
+            from it, to the same end as if it had never stopped; once finished, the final weights
+            and result are kept there and a rerun returns them untrained (common/resume.py).
     In a multi-process stage (common/distributed.py) every rank calls ``fit`` with its share of
     each training batch and the whole validation set (so every rank picks the same checkpoint
     one process would); the logged loss is the ranks' mean, and only rank 0 prints, writes and
@@ -488,8 +489,10 @@ def fit(
     ema = _Ema(model, ema_decay) if ema_decay else None
     if out_dir is None or distributed.current().world > 1:
         resume = None
-    if resume is not None:
-        _resume(resume.load(), model, optimizer, ema, state, validation, device, phase)
+    saved = resume.load() if resume is not None else None
+    if saved is not None and "finished" in saved:
+        return _finished(saved["finished"], model, state.progress, phase)
+    _resume(saved, model, optimizer, ema, state, validation, device, phase)
 
     def train_on(batch: Mapping[str, Any]) -> None:
         batch = to_device(batch, device, channels_last)
@@ -522,8 +525,8 @@ def fit(
     result = state.result(validation)
     if out_dir is not None:
         write_history(result, out_dir, phase)
-    if resume is not None:
-        resume.clear()  # finished: the next fit in this folder starts afresh
+    if resume is not None:  # a rerun of this fit (its phase stopped later) takes it as it is
+        resume.save({"finished": {"model": model.state_dict(), "result": asdict(result)}})
     return result
 
 
@@ -543,6 +546,20 @@ def _fit_state(model, optimizer, ema: _Ema | None, state: _TrainState, validatio
         "history": state.history,
         "best": {"val": validation.best_val, "step": validation.best_step},
     }
+
+
+def _finished(finished: dict, model, progress: Progress, phase: str) -> FitResult:
+    """A fit that had already run to its end: its final weights and result, without training."""
+    model.load_state_dict(finished["model"])
+    result = FitResult(**finished["result"])
+    if progress.enabled:
+        print(
+            f"[{phase}] finished earlier ({result.epochs} epochs, {result.steps} steps): "
+            "its weights are reused",
+            file=progress.stream,
+            flush=True,
+        )
+    return result
 
 
 def _resume(saved, model, optimizer, ema, state: _TrainState, validation, device, phase) -> None:

@@ -8,6 +8,10 @@ state of every random generator it draws from — torch's, numpy's, Python's and
 (its loader's order and, for SimMIM, its masks). The datasets draw their augmentations from
 generators seeded by (seed, epoch, index), so they need nothing saved.
 
+A fit that runs to its end leaves its final weights and result in the same file: a rerun of a
+phase that was stopped after this fit finished takes them instead of training again (with the
+generators where the finished fit left them, so what follows draws what it would have drawn).
+
 Only a one-process fit resumes (in a multi-process stage each rank has generators of its own).
 """
 
@@ -51,8 +55,8 @@ class Resumable:
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:
-        """The saved fit state, with every generator put back where it was; None when there is no
-        checkpoint of this fit."""
+        """The saved fit state (``{"finished": ...}`` for a fit that ran to its end), with every
+        generator put back where it was; None when there is no checkpoint of this fit."""
         if not self.path.is_file():
             return None
         payload = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -60,10 +64,6 @@ class Resumable:
             return None  # another fit's: overwritten at this fit's first epoch end
         self._restore_rng(payload["rng"])
         return payload["fit"]
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.path.with_suffix(".tmp").unlink(missing_ok=True)
 
     def _rng_states(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -125,7 +125,6 @@ def test_a_stage_killed_mid_epoch_resumes_to_the_uninterrupted_result(
     )
     _same(resumed, whole)
     assert _history(stopped) == _history(tmp_path / "whole")
-    assert not (stopped / FILENAME).exists()  # finished: nothing left to resume
 
 
 def test_a_checkpoint_of_another_fit_in_the_folder_is_not_resumed(sites, tmp_path, monkeypatch):
@@ -141,8 +140,32 @@ def test_a_checkpoint_of_another_fit_in_the_folder_is_not_resumed(sites, tmp_pat
     _same(started_afresh, _run("finetune", other, sites, tmp_path / "fresh"))
 
 
-def test_a_fit_that_finishes_leaves_no_checkpoint_and_a_new_one_starts_afresh(sites, tmp_path):
+@pytest.mark.parametrize("stage", ["simmim", "finetune"])
+def test_a_finished_fit_is_not_trained_again_and_what_follows_draws_the_same(
+    stage, sites, tmp_path, monkeypatch, capsys
+):
+    """A phase stopped after one of its stages finished: the rerun takes that stage's weights and
+    result as they were, and the random numbers drawn after it are those of an unbroken run."""
     cfg = _cfg()
-    first = _run("simmim", cfg, sites, tmp_path)
-    assert not (tmp_path / FILENAME).exists()
-    _same(_run("simmim", cfg, sites, tmp_path), first)
+    first = _run(stage, cfg, sites, tmp_path)
+    after_first = torch.rand(4)
+    capsys.readouterr()
+
+    taken = _count_steps(monkeypatch)
+    again = _run(stage, cfg, sites, tmp_path)
+    assert taken == [0]
+    assert f"[{'finetune:lower' if stage == 'finetune' else 'pretrain:' + stage}] finished " in (
+        capsys.readouterr().err
+    )
+    _same(again, first)
+    assert again.metrics == first.metrics  # its own wall time too: nothing ran
+    assert torch.equal(torch.rand(4), after_first)
+
+
+def test_a_finished_fit_of_another_config_is_trained_anew(sites, tmp_path, monkeypatch):
+    _run("finetune", _cfg(), sites, tmp_path)
+    other = _cfg(lr=3e-4)
+    taken = _count_steps(monkeypatch)
+    retrained = _run("finetune", other, sites, tmp_path)
+    assert taken[0] > 0
+    _same(retrained, _run("finetune", other, sites, tmp_path / "fresh"))
