@@ -88,16 +88,32 @@ def _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout, pretrai
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if pretrained is not None:
-        _reuse_pretraining(*pretrained, run_dir)
-    cfg_file = run_dir / "experiment.yaml"
-    cfg_file.write_text(text)
-    runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
+    t0 = time.monotonic()
+    try:
+        if pretrained is not None:
+            _reuse_pretraining(*pretrained, run_dir)
+        cfg_file = run_dir / "experiment.yaml"
+        cfg_file.write_text(text)
+        runner(cfg_file, run_dir, False, cpus_per_site, timeout, out / "data")
+    finally:  # a stopped or failed invocation cost wall time too; the resumed run continues it
+        _add_wall_seconds(run_dir, time.monotonic() - t0)
+
+
+def _add_wall_seconds(run_dir: Path, seconds: float) -> None:
+    """Add one invocation's wall time to ``run_dir/wall.json`` (seconds, invocations)."""
+    path = run_dir / "wall.json"
+    wall = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "invocations": 0}
+    wall = {"seconds": round(wall["seconds"] + seconds, 1), "invocations": wall["invocations"] + 1}
+    path.write_text(json.dumps(wall) + "\n")
 
 
 def _wall_seconds(run_dir: Path) -> float:
-    sim = run_dir / "simulate.json"
-    return float(json.loads(sim.read_text()).get("seconds", 0.0)) if sim.is_file() else 0.0
+    """The wall time of every invocation of one run (``wall.json``); a run folder without one
+    (made by an older crossprobe) falls back to its finishing invocation's (``simulate.json``)."""
+    for name in ("wall.json", "simulate.json"):
+        if (path := run_dir / name).is_file():
+            return float(json.loads(path.read_text()).get("seconds", 0.0))
+    return 0.0
 
 
 def write_study(cfg: ExperimentConfig, seeds: list[int], out: Path, walls: list[float]) -> None:
@@ -160,7 +176,6 @@ def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_on
     """Run (or reuse) each seed in turn, each of its fine-tuning repeats after the first on a copy
     of its pretrained encoders; returns each seed's wall seconds (all its repeats)."""
     walls: list[float] = []
-    t0 = time.monotonic()
     k = cfg.study.finetune_repeats
     for i, seed in enumerate(seeds, 1):
         dirs = repeat_dirs(out, seed, k)
@@ -179,10 +194,11 @@ def _run_seeds(cfg, seeds, out, runner, fresh, cpus_per_site, timeout, report_on
             log(f"{where}: running → {run_dir}")
             pretrained = (dirs[0], cfg) if r else None
             _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout, pretrained)
-        elapsed, left = time.monotonic() - t0, len(seeds) - i
-        eta = f", ETA {elapsed / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
-        log(f"[experiment {cfg.name}] seed {seed} finished; {elapsed / 60:.1f} min so far{eta}")
         walls.append(sum(_wall_seconds(d) for d in dirs))
+        # from the seeds' recorded walls, so a seed resumed over several invocations counts whole
+        left = len(seeds) - i
+        eta = f"; ETA {sum(walls) / i * left / 60:.0f} min for {left} more seed(s)" if left else ""
+        log(f"[experiment {cfg.name}] seed {seed} finished, {walls[-1] / 60:.1f} min of wall{eta}")
     return walls
 
 

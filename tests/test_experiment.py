@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from clients.app import app as client_app
 from common.config import ConfigError, load_experiment
+from common.signals import Stopped
 from server.app import app as server_app
 from simulations.experiment import resolve, run_experiment, seed_config
 from tests.fl_harness import run_server, site_grid
@@ -104,6 +108,35 @@ def test_fine_tuning_repeats_reuse_the_pretraining_and_score_each_seed_as_their_
     again: list = []
     run_experiment(cfg, run_root=tmp_path, runner=in_process_runner(again), log=lambda s: 0)
     assert again == []
+
+
+def test_a_seed_stopped_and_resumed_reports_the_wall_time_of_every_invocation(
+    tmp_path, flower_identity
+):
+    """SIGTERM mid-seed, then a rerun that finishes it: the seed's wall in study.json counts the
+    stopped invocation too, not only the one that finished."""
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "smoke.yaml"
+    cfg = tmp_path / "resumed.yaml"
+    one_seed = "study: {seeds: [0], variants: [], pairs: []}"
+    cfg.write_text(f"base: {smoke}\nname: resumed\n{one_seed}\n")
+
+    def stopped_after_a_while(*args):
+        time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # what an operator's `kill` does to the command
+        time.sleep(5.0)  # not reached: the signal raises
+
+    with pytest.raises(Stopped):
+        run_experiment(cfg, run_root=tmp_path, runner=stopped_after_a_while, log=lambda s: 0)
+    lines: list[str] = []
+    t0 = time.monotonic()
+    out = run_experiment(cfg, run_root=tmp_path, runner=in_process_runner([]), log=lines.append)
+    finishing = time.monotonic() - t0
+    wall = json.loads((out / "seed-0" / "wall.json").read_text())
+    assert wall["invocations"] == 2
+    seconds = json.loads((out / "study.json").read_text())["wall_seconds"][0]
+    assert 2.0 < seconds < 2.0 + finishing + 1.0
+    assert seconds - 2.0 > 0.2 * finishing  # the finishing run counts as well
+    assert f"seed 0 finished, {seconds / 60:.1f} min of wall" in "\n".join(lines)
 
 
 def test_unknown_experiment_names_the_known_ones():
