@@ -100,11 +100,14 @@ def _run_seed(run_dir, text, out, runner, fresh, cpus_per_site, timeout, pretrai
 
 
 def _add_wall_seconds(run_dir: Path, seconds: float) -> None:
-    """Add one invocation's wall time to ``run_dir/wall.json`` (seconds, invocations)."""
+    """Add one invocation's wall time to ``run_dir/wall.json`` (seconds, invocations); written
+    atomically, since it is written while a stop signal is being handled."""
+    from server.store import atomic_write_json  # noqa: PLC0415
+
     path = run_dir / "wall.json"
     wall = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "invocations": 0}
     wall = {"seconds": round(wall["seconds"] + seconds, 1), "invocations": wall["invocations"] + 1}
-    path.write_text(json.dumps(wall) + "\n")
+    atomic_write_json(path, wall)
 
 
 def _wall_seconds(run_dir: Path) -> float:
