@@ -139,6 +139,34 @@ def test_a_seed_stopped_and_resumed_reports_the_wall_time_of_every_invocation(
     assert f"seed 0 finished, {seconds / 60:.1f} min of wall" in "\n".join(lines)
 
 
+def test_seeds_run_on_separate_machines_merge_into_one_study(tmp_path, flower_identity):
+    """A study too long for one machine: each machine runs `--seeds S` into its own run root, the
+    seed folders are copied into one, and `--report-only` writes the tables of all seeds from
+    their results alone (no site data, no weights travel)."""
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "smoke.yaml"
+    cfg = tmp_path / "sharded.yaml"
+    cfg.write_text(f"base: {smoke}\nname: sharded\nstudy: {{variants: [], pairs: []}}\n")
+    shards = {}
+    for seed in (0, 1):
+        root = tmp_path / f"machine-{seed}"
+        run_experiment(cfg, [seed], run_root=root, runner=in_process_runner([]), log=lambda s: 0)
+        shards[seed] = json.loads((root / "sharded" / "study.json").read_text())
+        merged = tmp_path / "merged" / "sharded" / f"seed-{seed}"
+        merged.mkdir(parents=True)
+        for name in ("results.json", "experiment.yaml", "wall.json"):
+            (merged / name).write_bytes((root / "sharded" / f"seed-{seed}" / name).read_bytes())
+
+    out = run_experiment(cfg, run_root=tmp_path / "merged", report_only=True, log=lambda s: 0)
+    study = json.loads((out / "study.json").read_text())
+    assert study["seeds"] == [0, 1]
+    assert study["wall_seconds"] == [shards[0]["wall_seconds"][0], shards[1]["wall_seconds"][0]]
+    rows = study["sites"]["telemed"]["rows"]
+    for arm in ("lower", "upper", "simmim", "fusion-entropy"):
+        by_shard = [shards[s]["sites"]["telemed"]["rows"][arm]["dice_per_seed"][0] for s in (0, 1)]
+        assert rows[arm]["dice_per_seed"] == pytest.approx(by_shard)
+    assert study["sites"]["telemed"]["noise_floor"] is not None  # two seeds: a spread to report
+
+
 def test_unknown_experiment_names_the_known_ones():
     with pytest.raises(ConfigError, match="known: .*smoke.*tables"):
         resolve("nope")
