@@ -271,6 +271,64 @@ def test_a_message_a_crashed_site_never_logged_is_an_incomplete_exchange(clean_r
     assert "MISMATCH" not in result.output
 
 
+@pytest.mark.parametrize("site_logged_the_request", [True, False])
+def test_an_error_reply_flower_sent_for_a_killed_clientapp_is_an_incomplete_exchange(
+    clean_run, tmp_path, site_logged_the_request
+):
+    # SIGTERM mid-job: the site's ClientApp dies inside the handler, Flower's runtime answers the
+    # server with an error reply in the node's name, and the site's guard never logs a reply
+    run = _copy(clean_run[0], tmp_path)
+    server, site = run / "ledger.jsonl", run / "sites" / "telemed" / "ledger.jsonl"
+    strip = lambda e: {k: v for k, v in e.items() if k not in ("seq", "prev", "hash")}  # noqa: E731
+    request = next(
+        strip(json.loads(line))
+        for line in server.read_text().splitlines()
+        if '"train.finetune"' in line and '"direction":"out"' in line and "telemed" in line
+    )
+    request.update(group_id="finetune/upper/telemed/r9", message_id="killed-mid-job")
+    reason = "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly'>"
+    reply = {
+        **request,
+        "direction": "in",
+        "src_node": request["dst_node"],
+        "dst_node": request["src_node"],
+        "message_id": "runtime-error",
+        "reply_to": "killed-mid-job",
+        "records": [],
+        "error": reason,
+    }
+    ledger.Ledger(server).append(request)
+    ledger.Ledger(server).append(reply)
+    if site_logged_the_request:
+        ledger.Ledger(site).append({**request, "party": "site", "direction": "in"})
+    result = _audit_cli(str(run))
+    assert result.exit_code == audit.EXIT_OK, result.output
+    assert "MISMATCH" not in result.output
+    assert "an error reply to train.finetune (finetune/upper/telemed/r9)" in result.output
+    assert "ActorDiedError" in result.output
+
+
+def test_an_unlogged_reply_with_weights_is_a_mismatch_even_beside_an_error(clean_run, tmp_path):
+    run = _copy(clean_run[0], tmp_path)
+    server = run / "ledger.jsonl"
+    lines = server.read_text().splitlines()
+    reply = next(
+        json.loads(line)
+        for line in lines
+        if '"train.finetune"' in line and '"direction":"in"' in line and "lumify" in line
+    )
+    ghost = {k: v for k, v in reply.items() if k not in ("seq", "prev", "hash")}
+    ghost.update(group_id="finetune/ghost/lumify/r9", reply_to="ghost", error="also an error")
+    ledger.Ledger(server).append(ghost)  # records (weights) no site logged sending
+    result = _audit_cli(str(run))
+    assert result.exit_code != audit.EXIT_OK, result.output
+    ghost_line = "received train.finetune (finetune/ghost/lumify/r9) that site 'lumify''s ledger"
+    assert f"MISMATCH site vs server: {server}:{len(lines) + 1}: the server {ghost_line}" in (
+        result.output
+    )
+    assert "INCOMPLETE" not in result.output
+
+
 def test_a_reply_the_server_hides_while_it_goes_on_is_a_mismatch(clean_run, tmp_path):
     run = _copy(clean_run[0], tmp_path)
     server = run / "ledger.jsonl"

@@ -271,6 +271,13 @@ def _from_superlink(e: dict) -> bool:
     return e["direction"] == "in" and by_superlink and bool(e.get("error"))
 
 
+def _runtime_error_reply(e: dict) -> bool:
+    """An error reply with nothing else in it: what Flower's runtime sends for a node whose
+    ClientApp died mid-job (killed, out of memory) before the site's guard could log a reply. It
+    carries only a reason, which the server bounds and logs in full, so no site data rides it."""
+    return e["direction"] == "in" and bool(e.get("error")) and not e.get("records")
+
+
 def _abandoned(server: LedgerFile) -> dict[str, dict]:
     """Message id -> the server's note that it stopped waiting for that message (its node lost
     it) and sent the job again."""
@@ -281,13 +288,19 @@ def _abandoned(server: LedgerFile) -> dict[str, dict]:
     }
 
 
-def _answered(server: LedgerFile, sent: dict, node: int) -> bool:
-    """Did the server log a reply (or an error) for this message it sent?"""
+def _answer(server: LedgerFile, sent: dict, node: int) -> dict | None:
+    """The reply (or error) the server logged for this message it sent, if any."""
     key = (sent.get("run_id"), node, sent.get("group_id"), sent.get("message_type"))
-    return any(
-        (e.get("run_id"), e.get("src_node"), e.get("group_id"), e.get("message_type")) == key
-        for _, e in server.entries
-        if e.get("event") == "message" and e.get("direction") == "in"
+    return next(
+        (
+            e
+            for _, e in server.entries
+            if e.get("event") == "message"
+            and e.get("direction") == "in"
+            and (e.get("run_id"), e.get("src_node"), e.get("group_id"), e.get("message_type"))
+            == key
+        ),
+        None,
     )
 
 
@@ -316,10 +329,19 @@ def _match_one(
     if not cands and e["direction"] == "out" and e.get("message_id") in abandoned:
         rep.checked["messages lost and sent again"] += 1  # its node never got it
         return
-    if not cands and e["direction"] == "out" and not _answered(server, e, node):
+    answer = _answer(server, e, node) if not cands and e["direction"] == "out" else None
+    if not cands and e["direction"] == "out" and (answer is None or _runtime_error_reply(answer)):
+        by_flower = "" if answer is None else " (Flower's runtime sent an error in its name)"
         rep.incomplete.append(
             f"{server.path}:{no}: the server sent {e['message_type']} ({e.get('group_id')}) to "
-            f"site {name!r}, which neither logged nor answered it"
+            f"site {name!r}, which neither logged nor answered it{by_flower}"
+        )
+        return
+    if not cands and _runtime_error_reply(e):
+        rep.incomplete.append(
+            f"{server.path}:{no}: the server received an error reply to {e['message_type']} "
+            f"({e.get('group_id')}) that site {name!r}'s ledger does not show: its ClientApp "
+            f"stopped before its guard logged a reply, and Flower answered for it ({e['error']})"
         )
         return
     if not cands:
