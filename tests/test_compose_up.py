@@ -292,8 +292,9 @@ def test_separate_hospitals_join_only_through_the_superlinks_published_port(
     t = time.monotonic()
     launch = coordinator("--profile", "run", "run", "--rm", "launch", timeout=900, check=False)
     if launch.returncode != 0:  # e.g. "No heartbeat received from the task": say why it stopped
-        serverapp = coordinator("logs", "--no-color", "--tail", "60", "serverapp", check=False)
-        pytest.fail(launch.stdout[-4000:] + launch.stderr[-4000:] + serverapp.stdout[-6000:])
+        tails = ("logs", "--no-color", "--tail", "60", "serverapp", "superlink")
+        logs = coordinator(*tails, check=False)
+        pytest.fail(launch.stdout[-4000:] + launch.stderr[-4000:] + logs.stdout[-12000:])
     assert "finished:completed" in launch.stdout
     print(f"separate hospitals: tiny-3sites to finished:completed in {time.monotonic() - t:.0f} s")
     report = audit_run(
