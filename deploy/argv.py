@@ -24,11 +24,12 @@ CONNECTION = "crossprobe"  # the connection name `launch` writes into $FLWR_HOME
 
 
 def superlink_argv(certs: str, host: str, port: int | str, database: str) -> list[str]:
-    """The SuperLink: TLS, SuperNode authentication, process isolation (ServerApps run in a separate
-    ``flower-superexec``, which must present the shared secret), no runtime dependency installs.
-    ``certs`` is a ``certs/superlink`` folder."""
+    """The SuperLink (``crossprobe-superlink``: Flower's ``flower-superlink``, waiting longer for
+    its SQLite lock, deploy/superlink.py): TLS, SuperNode authentication, process isolation
+    (ServerApps run in a separate ``flower-superexec``, which must present the shared secret), no
+    runtime dependency installs. ``certs`` is a ``certs/superlink`` folder."""
     return [
-        "flower-superlink",
+        "crossprobe-superlink",
         "--ssl-ca-certfile", f"{certs}/{CA_CERT}",
         "--ssl-certfile", f"{certs}/{SERVER_CERT}",
         "--ssl-keyfile", f"{certs}/{SERVER_KEY}",

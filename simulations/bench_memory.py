@@ -25,6 +25,7 @@ KINDS = (  # (what the report calls it, a piece of its command line), first matc
     ("serverapp", "flwr-simulation"),  # the ServerApp and the simulation's message relay
     ("serverapp", "flwr-serverapp"),
     ("superlink", "flower-superlink"),
+    ("superlink", "crossprobe-superlink"),
     ("ray", "ray/"),
     ("ray", "raylet"),
     ("ray", "gcs_server"),

@@ -89,11 +89,11 @@ def test_every_flower_service_uses_tls_and_nothing_is_insecure(path):
     flower = {
         n: s["command"]
         for n, s in spec["services"].items()
-        if s["command"][0].startswith("flower-")
+        if s["command"][0].startswith(("flower-", "crossprobe-superlink"))
     }
     assert flower, path
     for name, cmd in flower.items():
-        if cmd[0] == "flower-superlink":
+        if cmd[0] == "crossprobe-superlink":
             assert {
                 "--ssl-certfile",
                 "--ssl-keyfile",
