@@ -65,6 +65,32 @@ def engine() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("no Docker engine: .ci/run prepares one with deploy/docker-engine.sh")
         pytest.skip("no Docker engine (sudo deploy/docker-engine.sh)")
+    remove_abandoned_projects()
+
+
+# Project names: crossprobe-ci-<the pid of the pytest that made it>[-site]
+PROJECT = re.compile(r"crossprobe-ci-(\d+)(-.+)?")
+
+
+def remove_abandoned_projects() -> None:
+    """Take down what a killed test run left: its containers restart with the engine (their
+    restart policy) and would keep training beside every later test, slowing it into timeouts."""
+    key = "com.docker.compose.project"
+    for kind, ls, name in (
+        ("container", ["ps", "-a"], "{{.ID}}"),
+        ("volume", ["volume", "ls"], "{{.Name}}"),
+        ("network", ["network", "ls"], "{{.ID}}"),
+    ):
+        listed = sh("docker", *ls, "--filter", f"label={key}",
+                    "--format", f'{name} {{{{.Label "{key}"}}}}', check=False).stdout  # fmt: skip
+        abandoned = [
+            id_
+            for id_, _, project in (line.partition(" ") for line in listed.splitlines())
+            if (m := PROJECT.fullmatch(project)) and not Path(f"/proc/{m[1]}").exists()
+        ]
+        if abandoned:
+            force = ["-f"] if kind == "container" else []
+            sh("docker", kind, "rm", *force, *abandoned, check=False)
 
 
 @pytest.fixture(scope="module")
